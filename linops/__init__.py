@@ -1,0 +1,42 @@
+"""linops: lazy linear operators for neural-network curvature (the nouns).
+
+See ``solvers`` for the algorithms and functions (the verbs) that act on them.
+"""
+
+from ._dispatch import dispatch
+from .algebra import Product, ScalarMul, Sum, Transpose
+from .blockdiag import BlockDiag
+from .dense import Dense
+from .diagonal import Diagonal, I_like, Identity
+from .kronecker import Kronecker
+from .lowrank import LowRank
+from .operator import LinearOperator
+from .permutation import Permutation
+from .properties import PSD, SelfAdjoint, is_psd, is_self_adjoint, psd_rule, self_adjoint_rule
+from .triangular import Triangular
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "dispatch",
+    "LinearOperator",
+    "Dense",
+    "Diagonal",
+    "Identity",
+    "I_like",
+    "ScalarMul",
+    "Sum",
+    "Product",
+    "Transpose",
+    "Kronecker",
+    "BlockDiag",
+    "LowRank",
+    "Permutation",
+    "Triangular",
+    "PSD",
+    "SelfAdjoint",
+    "is_psd",
+    "is_self_adjoint",
+    "psd_rule",
+    "self_adjoint_rule",
+]
