@@ -3,14 +3,17 @@
 See ``solvers`` for the algorithms and functions (the verbs) that act on them.
 """
 
+from . import curvature
 from ._dispatch import dispatch
 from .algebra import Product, ScalarMul, Sum, Transpose
+from .autodiff import FIM, GGN, Hessian, Jacobian
 from .blockdiag import BlockDiag
 from .dense import Dense
 from .diagonal import Diagonal, I_like, Identity
 from .kronecker import Kronecker
 from .lowrank import LowRank
 from .operator import LinearOperator
+from .params import ParamSpace
 from .permutation import Permutation
 from .properties import PSD, SelfAdjoint, is_psd, is_self_adjoint, psd_rule, self_adjoint_rule
 from .triangular import Triangular
@@ -39,4 +42,10 @@ __all__ = [
     "is_self_adjoint",
     "psd_rule",
     "self_adjoint_rule",
+    "ParamSpace",
+    "Jacobian",
+    "Hessian",
+    "FIM",
+    "GGN",
+    "curvature",
 ]

@@ -72,7 +72,7 @@ def is_self_adjoint(A: LinearOperator) -> bool:
     """True if A was tagged self-adjoint or PSD, or its structure makes it self-adjoint."""
     if "self_adjoint" in A.tags or "psd" in A.tags:
         return True
-    return bool(self_adjoint_rule(A))
+    return bool(self_adjoint_rule(A)) or bool(psd_rule(A))
 
 
 # ------------------------------------------------------------------ PSD rules
