@@ -44,6 +44,9 @@ class ScalarMul(LinearOperator):
         self.op = A
         self._initialized = True
 
+    def __getnewargs__(self):
+        return (self.c, self.op)
+
     def _children(self):
         return (self.op,)
 
@@ -87,6 +90,14 @@ class Sum(LinearOperator):
     _precedence = 0
 
     def __new__(cls, *terms):
+        if not terms:
+            raise ValueError("Sum needs at least one operator.")
+        for t in terms[1:]:
+            if t.shape != terms[0].shape:
+                raise ValueError(
+                    f"Sum of operators with shapes {terms[0].shape} and {t.shape}: add "
+                    "operators of one shape."
+                )
         flat = _flatten_sum(terms)
         if len(flat) == 1:
             return flat[0]
@@ -109,6 +120,9 @@ class Sum(LinearOperator):
         super().__init__(first.dtype, first.shape, first.device)
         self.terms = tuple(terms)
         self._initialized = True
+
+    def __getnewargs__(self):
+        return self.terms
 
     def _children(self):
         return self.terms
@@ -193,10 +207,18 @@ class Product(LinearOperator):
     _precedence = 1
 
     def __new__(cls, *factors):
+        if not factors:
+            raise ValueError("Product needs at least one operator.")
+        for a, b in zip(factors[:-1], factors[1:]):
+            if a.shape[1] != b.shape[0]:
+                raise ValueError(
+                    f"Product of operators with shapes {a.shape} and {b.shape}: inner "
+                    "dimensions differ."
+                )
         flat, c = _flatten_product(factors)
         if len(flat) == 1:
-            return flat[0] if c == 1 else ScalarMul(c, flat[0])
-        if not (isinstance(c, numbers.Number) and c == 1):
+            return flat[0] if _is_one(c) else ScalarMul(c, flat[0])
+        if not _is_one(c):
             return ScalarMul(c, Product(*flat))
         self = super().__new__(cls)
         self._flat = flat
@@ -218,6 +240,9 @@ class Product(LinearOperator):
                          factors[0].device)
         self.factors = tuple(factors)
         self._initialized = True
+
+    def __getnewargs__(self):
+        return self.factors
 
     def _children(self):
         return self.factors
@@ -243,6 +268,10 @@ class Product(LinearOperator):
 
     def _repr(self):
         return " ".join(f._repr_wrapped(2) for f in self.factors)
+
+
+def _is_one(c) -> bool:
+    return isinstance(c, numbers.Number) and c == 1
 
 
 def _flatten_product(factors):
@@ -281,6 +310,9 @@ class Transpose(LinearOperator):
         self.op = A
         self.conj = bool(conj and A.dtype.is_complex)
         self._initialized = True
+
+    def __getnewargs__(self):
+        return (self.op, self.conj)
 
     def _children(self):
         return (self.op,)

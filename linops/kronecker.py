@@ -76,6 +76,11 @@ class Kronecker(LinearOperator):
         return Kronecker(*(f.to(dtype=dtype, device=device) for f in self.factors))
 
     def _diag(self):
+        if any(not f.is_square() for f in self.factors):
+            raise NotImplementedError(
+                "diag() of a Kronecker product with non-square factors: use "
+                "A.to_dense().diagonal()."
+            )
         out = self.factors[0].diag()
         for f in self.factors[1:]:
             out = torch.outer(out, f.diag()).reshape(-1)
@@ -84,7 +89,10 @@ class Kronecker(LinearOperator):
     def to_dense(self):
         out = self.factors[0].to_dense()
         for f in self.factors[1:]:
-            out = torch.kron(out, f.to_dense())
+            b = f.to_dense()
+            out = (out[:, None, :, None] * b[None, :, None, :]).reshape(
+                out.shape[0] * b.shape[0], out.shape[1] * b.shape[1]
+            )
         return out
 
     def _repr(self):

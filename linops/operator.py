@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import operator
 
 import torch
 
@@ -45,7 +46,10 @@ class LinearOperator:
     _precedence: int = 2
 
     def __init__(self, dtype: torch.dtype, shape, device=None):
-        shape = tuple(int(s) for s in shape)
+        try:
+            shape = tuple(operator.index(s) for s in shape)
+        except TypeError:
+            raise TypeError(f"Operator sizes must be integers; got shape {tuple(shape)}.") from None
         if len(shape) != 2:
             raise ValueError(f"A linear operator has a 2-d shape (m, n); got {shape}.")
         if shape[0] <= 0 or shape[1] <= 0:
@@ -273,7 +277,10 @@ class LinearOperator:
 
         if is_self_adjoint(self) and not self.dtype.is_complex:
             return self
-        return self._transpose()
+        out = self._transpose()
+        if out is not self and getattr(out, "_transpose_of", None) is None:
+            out._transpose_of = self  # lets the Bᵀ A B rule recognize rebuilt transposes
+        return out
 
     @property
     def H(self) -> LinearOperator:
@@ -297,8 +304,17 @@ class LinearOperator:
         device = self.device if device is None else torch.device(device)
         if dtype == self.dtype and _same_device(device, self.device):
             return self
+        from .properties import is_psd, is_self_adjoint
+
         out = self._to(dtype, device)
-        out._tags = self._tags
+        tags = set(self._tags)
+        # converted children are new objects, so structural rules (Bᵀ A B) may no longer
+        # see them; keep what was known
+        if is_psd(self):
+            tags |= {"psd", "self_adjoint"}
+        elif is_self_adjoint(self):
+            tags.add("self_adjoint")
+        out._tags = frozenset(tags)
         return out
 
     def to_dense(self) -> torch.Tensor:
@@ -330,8 +346,8 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     a, b = torch.device(a), torch.device(b)
     if a.type != b.type:
         return False
-    if a.type == "cpu":
-        return True
-    ia = a.index if a.index is not None else torch.cuda.current_device()
-    ib = b.index if b.index is not None else torch.cuda.current_device()
-    return ia == ib
+    if a.type == "cuda":
+        ia = a.index if a.index is not None else torch.cuda.current_device()
+        ib = b.index if b.index is not None else torch.cuda.current_device()
+        return ia == ib
+    return a.index is None or b.index is None or a.index == b.index

@@ -27,6 +27,8 @@ class Permutation(LinearOperator):
         if perm.ndim != 1:
             raise ValueError(f"Permutation takes a vector (n,); got shape {tuple(perm.shape)}.")
         n = perm.shape[0]
+        if n == 0:
+            raise ValueError("Empty operator: a Permutation needs at least one index.")
         check = torch.zeros(n, dtype=torch.bool, device=perm.device)
         check[perm.clamp(0, n - 1)] = True
         if perm.min() < 0 or perm.max() >= n or not bool(check.all()):

@@ -174,6 +174,9 @@ def _mirror(P: LinearOperator, Q: LinearOperator) -> bool:
         return True
     if isinstance(Q, Transpose) and Q.op is P and (Q.conj or real):
         return True
+    if real and (getattr(P, "_transpose_of", None) is Q
+                 or getattr(Q, "_transpose_of", None) is P):
+        return True
     if P is Q:
         return is_self_adjoint(P)
     if isinstance(P, Kronecker) and isinstance(Q, Kronecker):
