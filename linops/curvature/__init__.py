@@ -1,0 +1,16 @@
+"""Network-level curvature operators built from ``(model, loss_fn, data, params=None)``."""
+
+from ._base import CurvatureOperator
+from .ggn import GGN, EmpiricalFisher, MCFisher
+from .hessian import Hessian
+from .losses import SUPPORTED_LOSSES, loss_curvature
+
+__all__ = [
+    "CurvatureOperator",
+    "GGN",
+    "Hessian",
+    "EmpiricalFisher",
+    "MCFisher",
+    "SUPPORTED_LOSSES",
+    "loss_curvature",
+]

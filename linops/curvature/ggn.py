@@ -1,0 +1,183 @@
+"""``GGN``, ``EmpiricalFisher``, ``MCFisher``: Jᵀ B J over a data set, network level.
+
+All three multiply with ``c Σ_n J_nᵀ B_n J_n`` where ``J_n`` is the Jacobian of the model's
+output on sample ``n`` in the parameters and ``c`` the loss's scale (1, or 1/number of
+terms for a mean). They differ in the output-space block ``B_n``:
+
+- ``GGN``: the loss Hessian ``∇²_o ℓ`` in closed form (exact);
+- ``EmpiricalFisher``: ``r_n r_nᵀ``, the outer product of the loss gradient in the output;
+- ``MCFisher``: ``(1/S) Σ_s r̃_ns r̃_nsᵀ`` with gradients at labels drawn from the model,
+  an unbiased estimate of the GGN.
+
+Each product column costs one reverse pass over the backward graph (``J v``) and one
+reverse pass (``Jᵀ u``) per batch; the forward pass and linearization run once when the
+operator is built (one batch, or ``cache=True``) or once per batch per product otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..autodiff._linearization import Linearization
+from ._base import CurvatureOperator
+
+__all__ = ["GGN", "EmpiricalFisher", "MCFisher"]
+
+
+class _JBJ(CurvatureOperator):
+    def _linearize(self, X, y, generator):
+        leaves, out = self._forward(X)
+        loss_state = self.loss.prepare(out, y)
+        lin = Linearization(out, leaves, self.param_space.names, rerun=self._rerun(X),
+                            vectorize=self.vectorize, what="parameter")
+        state = {"lin": lin, "loss": loss_state}
+        self._extend_state(state, generator)
+        return state
+
+    def _extend_state(self, state, generator) -> None:
+        pass
+
+    def _apply(self, state, V, k):
+        lin = state["lin"]
+        return lin.vjp(self._middle(state, lin.jvp(V, k)), k)
+
+    def _middle(self, state, T: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class GGN(_JBJ):
+    """The generalized Gauss-Newton matrix of a model's loss over a data set (exact).
+
+    ``G = c Σ_n J_nᵀ ∇²_o ℓ(o_n, y_n) J_n``: ``J_n`` is the Jacobian of the model output on
+    sample ``n`` in the parameters, ``∇²_o ℓ`` the loss Hessian in the output (closed
+    form, see ``linops.curvature.losses``) and ``c`` 1 for ``reduction='sum'`` or one over
+    the number of terms for ``'mean'``: ``G`` is the GGN of the loss over the whole data
+    set, however it is split into batches. PSD and self-adjoint.
+
+    Cost: building one batch runs its forward pass and one reverse pass; each product
+    column then costs two reverse passes (about 1.4 gradients), no forward pass. Over
+    several batches without ``cache``, each product re-runs every batch's forward pass.
+
+    Args:
+        model, loss_fn, data, params, cache, progress, allow_train_mode, vectorize: see
+            ``linops.curvature.CurvatureOperator``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from linops.curvature import GGN
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> G = GGN(model, nn.CrossEntropyLoss(), (X, y))
+        >>> G
+        GGN(CrossEntropyLoss, 26 params)
+        >>> (G @ torch.randn(26)).shape
+        torch.Size([26])
+        >>> G.param_space.unflatten(G @ torch.randn(26))["0.weight"].shape
+        torch.Size([4, 3])
+    """
+
+    symbol = "G"
+
+    def _middle(self, state, T):
+        return self.loss.hessian_product(state["loss"], T)
+
+
+def _outer_products(R: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """``Σ_s r_sn (r_snᵀ t_n)`` per sample n (dimension 1 of ``R``; dimension 1 of ``T``):
+    ``R`` is ``(S, N, ...)``, ``T`` is ``(k, N, ...)``; returns ``(k, N, ...)``."""
+    S, N = R.shape[0], R.shape[1]
+    k = T.shape[0]
+    Rf = R.reshape(S, N, -1)
+    a = torch.einsum("snm,knm->ksn", Rf, T.reshape(k, N, -1))
+    return torch.einsum("ksn,snm->knm", a, Rf).reshape(T.shape)
+
+
+class EmpiricalFisher(_JBJ):
+    """The empirical Fisher ``F = c Σ_n g_n g_nᵀ`` of a model's loss over a data set.
+
+    ``g_n = ∇_θ ℓ_n`` is the gradient of sample ``n``'s loss (summed over the sample's
+    outputs; a sample is an index along the output's first dimension) and ``c`` the same
+    scale as the loss (1 for ``'sum'``, one over the number of terms for ``'mean'``). PSD.
+
+    Computed as ``c Σ_n J_nᵀ r_n r_nᵀ J_n`` with ``r_n = ∇_o ℓ`` in closed form: each product
+    column costs two reverse passes, like the GGN.
+
+    Args:
+        model, loss_fn, data, params, cache, progress, allow_train_mode, vectorize: see
+            ``linops.curvature.CurvatureOperator``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from linops.curvature import EmpiricalFisher
+        >>> model = nn.Linear(3, 2)
+        >>> F = EmpiricalFisher(model, nn.MSELoss(), (torch.randn(8, 3), torch.randn(8, 2)))
+        >>> F.shape
+        (8, 8)
+    """
+
+    symbol = "F"
+
+    def _extend_state(self, state, generator):
+        state["R"] = self.loss.residual(state["loss"]).unsqueeze(0)
+
+    def _middle(self, state, T):
+        return _outer_products(state["R"], T)
+
+
+class MCFisher(_JBJ):
+    """The Monte-Carlo Fisher: the GGN estimated with labels drawn from the model.
+
+    ``F̃ = c Σ_n (1/S) Σ_s J_nᵀ r̃_ns r̃_nsᵀ J_n`` where ``r̃_ns = ∇_o ℓ(o_n, ỹ_ns)`` at labels
+    ``ỹ_ns`` drawn from the model's predictive distribution (categorical for cross
+    entropy, Bernoulli for BCE, Gaussian with variance 1/2 for the squared error), so
+    that ``E[F̃] = GGN``. PSD.
+
+    The draws are made once per batch with a generator seeded by ``seed`` at the start of
+    every pass over the data, so every product sees the same matrix (CG and Lanczos need
+    one fixed operator) as long as the batches come in the same order: with a shuffling
+    DataLoader pass ``cache=True`` or a fixed order.
+
+    Args:
+        mc_samples: ``S``, the number of draws per sample (≥ 1).
+        seed: the seed of the draws.
+        model, loss_fn, data, params, cache, progress, allow_train_mode, vectorize: see
+            ``linops.curvature.CurvatureOperator``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from linops.curvature import MCFisher
+        >>> model = nn.Linear(3, 4)
+        >>> X, y = torch.randn(8, 3), torch.randint(0, 4, (8,))
+        >>> F = MCFisher(model, nn.CrossEntropyLoss(), (X, y), mc_samples=4, seed=0)
+        >>> F
+        MCFisher(CrossEntropyLoss, 16 params, mc_samples=4)
+    """
+
+    symbol = "F"
+
+    def __init__(self, model, loss_fn, data, params=None, *, mc_samples: int = 1,
+                 seed: int = 0, **kwargs):
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples must be a positive integer; got {mc_samples!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an integer; got {seed!r}.")
+        self.mc_samples = mc_samples
+        self.seed = seed
+        super().__init__(model, loss_fn, data, params, **kwargs)
+
+    def _new_generator(self):
+        return torch.Generator(device=self.device).manual_seed(self.seed)
+
+    def _extend_state(self, state, generator):
+        R = self.loss.sampled_residuals(state["loss"], self.mc_samples, generator)
+        state["R"] = R / self.mc_samples**0.5
+
+    def _middle(self, state, T):
+        return _outer_products(state["R"], T)
+
+    def _repr(self):
+        return (f"MCFisher({self.loss.name}, {self.shape[0]} params, "
+                f"mc_samples={self.mc_samples})")

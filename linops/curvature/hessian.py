@@ -1,0 +1,71 @@
+"""``Hessian``: the Hessian of a model's loss over a data set, network level."""
+
+from __future__ import annotations
+
+import torch
+
+from ..autodiff._linearization import GradientGraph, _name_list, gradient_with_graph
+from ._base import CurvatureOperator
+
+__all__ = ["Hessian"]
+
+
+class Hessian(CurvatureOperator):
+    """The Hessian ``H = ∇²_θ L`` of the loss ``L`` over a data set in the parameters.
+
+    ``L`` is the loss over the whole data set: the sum of the batches' losses for
+    ``reduction='sum'``, their sum divided by the total number of terms for ``'mean'``.
+    Self-adjoint (not PSD in general).
+
+    Products are reverse-over-reverse on a kept graph: building one batch runs its forward
+    pass and its gradient with ``create_graph=True``; each product column is then one
+    reverse pass over the gradient's graph (about two gradients' cost), with no forward
+    pass. It works for every activation with a double backward (SiLU, GELU, ...); where an
+    operation has none it falls back to forward-over-reverse (``torch.func``, re-running
+    the batch's forward pass at each product), and raises a clear error if PyTorch has
+    neither rule (``Hardsigmoid``).
+
+    Args:
+        model, loss_fn, data, params, cache, progress, allow_train_mode, vectorize: see
+            ``linops.curvature.CurvatureOperator``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from linops.curvature import Hessian
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.SiLU(), nn.Linear(4, 1))
+        >>> H = Hessian(model, nn.MSELoss(), (torch.randn(8, 3), torch.randn(8, 1)))
+        >>> H
+        Hessian(MSELoss, 21 params)
+    """
+
+    symbol = "H"
+    _tag_set = frozenset({"self_adjoint"})
+
+    def _linearize(self, X, y, generator):
+        leaves, out = self._forward(X)
+        loss_state = self.loss.prepare(out, y)
+        with torch.enable_grad():
+            value = self.loss.summed_loss(out, y, loss_state)
+            if not value.requires_grad:
+                raise ValueError(
+                    f"The loss does not depend on the parameters "
+                    f"{_name_list(self.param_space.names)}."
+                )
+        grads = gradient_with_graph(value, leaves)
+        unused = [n for n, g in zip(self.param_space.names, grads) if g is None]
+        if unused:
+            raise ValueError(
+                f"The loss does not depend on the parameter(s) {_name_list(unused)}: their "
+                "derivative is structurally zero. Leave them out of params."
+            )
+        rerun = self._rerun(X)
+
+        def loss_of(tensors):
+            return self.loss.summed_loss(rerun(tensors), y, loss_state)
+
+        return {"graph": GradientGraph(grads, leaves, loss_of, self.vectorize),
+                "loss": loss_state}
+
+    def _apply(self, state, V, k):
+        return state["graph"].hvp(V, k)
