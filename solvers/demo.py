@@ -41,8 +41,9 @@ def second_order_run(kind: str, model: nn.Module, X, y, steps: int, setup=GAUSS_
 
     ``kind='gn'``: p ← p − inv(PSD(Jᵀ H J + λI)) g, with H the Hessian of
     ``n_classes × mean cross-entropy`` at the logits (as CoLA's notebook);
-    ``kind='ng'``: p ← p − ½ inv(PSD(F + λI)) g with F the Fisher of the logits (summed over
-    points). Each operator is linearized once per step; the gradient g = Jᵀ ∇_z loss reuses
+    ``kind='ng'``: p ← p − ½ inv(PSD(F/N + λI)) g with F = ``FIM`` the Fisher of the logits
+    (summed over the N points, so F/N is the Fisher of the mean loss; CoLA's notebook's
+    numbers correspond to F/N). Each operator is linearized once per step; the gradient g = Jᵀ ∇_z loss reuses
     that linearization. Returns (flat parameters, list of losses, unconverged solves).
     """
     criterion = nn.CrossEntropyLoss()
@@ -65,7 +66,7 @@ def second_order_run(kind: str, model: nn.Module, X, y, steps: int, setup=GAUSS_
             A = PSD(G + setup.gn_damping * I_like(G))
             lr = setup.gn_lr
         else:
-            F = FIM(logits, p)
+            F = FIM(logits, p) / X.shape[0]  # Fisher of the MEAN loss (FIM sums over points)
             A = PSD(F + setup.ng_damping * I_like(F))
             lr = setup.ng_lr
         Ainv = inv(A, alg=alg)
