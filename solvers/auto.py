@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from linops import LinearOperator, is_psd, is_self_adjoint
@@ -23,8 +24,8 @@ class Auto:
       larger → ``CG`` if PSD, ``MINRES`` if self-adjoint, ``GMRES`` otherwise;
     * eigenvalues and matrix functions: n ≤ ``dense_threshold`` → ``Eigh`` (self-adjoint)
       or ``Dense``; larger → ``Lanczos`` (self-adjoint only);
-    * trace and diagonal: n ≤ ``dense_threshold`` → exact with n products; larger →
-      ``Hutchinson`` estimate with ``samples`` probes... see ``solvers.trace``.
+    * trace and diagonal: exact (n products, batched); ask for ``Hutchinson``/``HutchPP``
+      explicitly for an estimate (see ``solvers.trace``).
 
     The iterative algorithms get ``tol``, ``atol``, ``max_iters`` and, for solves,
     ``preconditioner``; other keyword arguments go in ``options`` and are passed to the
@@ -45,6 +46,12 @@ class Auto:
     options: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        for name in ("tol", "atol"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"Auto: {name} must be a finite number ≥ 0, got {v!r}.")
+        if isinstance(self.max_iters, bool):
+            raise TypeError("Auto: max_iters must be a positive int or None, not a bool.")
         if not isinstance(self.tol, (int, float)) or self.tol < 0:
             raise ValueError(f"Auto: tol must be a number ≥ 0, got {self.tol!r}.")
         if not isinstance(self.atol, (int, float)) or self.atol < 0:

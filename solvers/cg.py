@@ -118,7 +118,7 @@ def cg(
         >>> import torch
         >>> from solvers.cg import CG, cg
         >>> A = torch.diag(torch.arange(1.0, 6.0))
-        >>> sol = cg(lambda X: A @ X, torch.ones(5, 2), CG(tol=1e-8))
+        >>> sol = cg(lambda X: A @ X, torch.ones(5, 2), CG(tol=1e-6))
         >>> sol.status.name, sol.iterations
         ('CONVERGED', 5)
     """
@@ -181,6 +181,8 @@ def cg(
 
     it = 0
     true_rel = verified_cols = None
+    stuck = torch.zeros(k, dtype=torch.bool, device=B2.device)
+    last_true = torch.full((k,), float("inf"), dtype=B2.dtype, device=B2.device)
     while True:
         while it < max_iters:
             if it % check_every == 0:
@@ -228,6 +230,11 @@ def cg(
         rtrue = col_norm(R_true)
         true_rel, verified_cols = rtrue / scale, ok
         drifted = ok & ~(rtrue <= thresh)
+        # a restart that did not halve the true residual: stuck at working precision
+        new_stuck = drifted & ~(rtrue <= 0.5 * last_true)
+        stuck |= new_stuck
+        last_true = torch.where(ok, rtrue, last_true)
+        drifted = drifted & ~new_stuck
         if not bool(drifted.any()):
             break
         if it >= max_iters:
@@ -275,6 +282,15 @@ def cg(
             f"CG broke down in column(s) {cols}: rᵀMr ≤ 0, so the preconditioner is not "
             "positive definite. Use a symmetric positive definite preconditioner (for "
             "Jacobi, a positive diagonal) or none."
+        )
+        return done(X, Status.BREAKDOWN, iterations, hist, msg, **col_info)
+    if bool(stuck.any()):
+        cols = stuck.nonzero().flatten().tolist()
+        msg = (
+            f"CG stagnated in column(s) {cols}: its recurrence residual met tol={alg.tol} "
+            f"but the true residual ‖b − A x‖/‖b‖ = {fmt(float(final[stuck.cpu()].max()))} "
+            f"does not, and restarting from it did not help: tol is below what "
+            f"{B2.dtype} can reach for this A. Use float64, a looser tol or a preconditioner."
         )
         return done(X, Status.BREAKDOWN, iterations, hist, msg, **col_info)
     unconverged = active.cpu()

@@ -43,8 +43,9 @@ def second_order_run(kind: str, model: nn.Module, X, y, steps: int, setup=GAUSS_
     ``n_classes × mean cross-entropy`` at the logits (as CoLA's notebook);
     ``kind='ng'``: p ← p − ½ inv(PSD(F/N + λI)) g with F = ``FIM`` the Fisher of the logits
     (summed over the N points, so F/N is the Fisher of the mean loss; CoLA's notebook's
-    numbers correspond to F/N). Each operator is linearized once per step; the gradient g = Jᵀ ∇_z loss reuses
-    that linearization. Returns (flat parameters, list of losses, unconverged solves).
+    numbers correspond to F/N). Each operator is linearized once per step; the gradient
+    g = Jᵀ ∇_z loss reuses that linearization. Returns (flat parameters, list of losses,
+    number of unconverged solves).
     """
     criterion = nn.CrossEntropyLoss()
     space, logits = _stateless(model, X)

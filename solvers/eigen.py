@@ -186,7 +186,10 @@ def eig_rule(A: ScalarMul, k: int, which: str, alg: object) -> EigResult:  # noq
     if isinstance(c, complex):
         return eig_rule.invoke(LinearOperator, int, str, object)(A, k, which, alg)
     inner = which if c >= 0 or which == "LM" else {"LA": "SA", "SA": "LA"}[which]
-    res = eig_rule(A.op, k, inner, alg)
+    op = A.op
+    if c != 0 and is_self_adjoint(A) and not is_self_adjoint(op):
+        op = SelfAdjoint(op)  # A = c·B with c real ≠ 0 is self-adjoint only if B is
+    res = eig_rule(op, k, inner, alg)
     return EigResult(c * res.values, res.vectors, res.solution)
 
 

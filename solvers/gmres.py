@@ -159,6 +159,7 @@ def gmres(
     active = ~(rnorm <= thresh)
     broken = torch.zeros(k, dtype=torch.bool, device=device)
     nonfinite = torch.zeros(k, dtype=torch.bool, device=device)
+    stuck = torch.zeros(k, dtype=torch.bool, device=device)
     col_iters = torch.zeros(k, dtype=torch.long, device=device)
     history = [rnorm / scale]
     iterations = cycles = 0
@@ -241,13 +242,15 @@ def gmres(
             X = torch.where(active & (steps > 0), X + update, X)
             R = B2 - matmat(X)
             products += 1
-            rnorm = col_norm(R)
+            rnorm_before, rnorm = rnorm, col_norm(R)
+            # a cycle that cut the true residual by less than 0.1%: restarting cannot help
+            stuck |= active & ~(rnorm <= thresh) & ~(rnorm < 0.999 * rnorm_before)
             rows = rows[:used]
             rows[-1] = torch.where(active, rnorm / scale, rows[-1])
         history.extend(rows)
         col_iters += steps
         iterations += used
-        active = active & ~(rnorm <= thresh) & ~broken & ~nonfinite
+        active = active & ~(rnorm <= thresh) & ~broken & ~nonfinite & ~stuck
         if used == 0:
             break
 
@@ -272,6 +275,17 @@ def gmres(
             f"{fmt(float(final[bad_break].max()))}): A is singular on the Krylov space, so "
             "the least-squares problem has no unique solution. Check that A is "
             "nonsingular, or add damping (A + λI)."
+        )
+        return done(X, Status.BREAKDOWN, iterations, hist, msg, **info)
+    bad_stuck = stuck.cpu() & unconverged
+    if bool(bad_stuck.any()):
+        cols = bad_stuck.nonzero().flatten().tolist()
+        msg = (
+            f"GMRES stagnated in column(s) {cols}: a whole cycle of restart={alg.restart} "
+            f"steps did not reduce the true residual ‖b − A x‖/‖b‖ = "
+            f"{fmt(float(final[bad_stuck].max()))} (> tol={alg.tol}). Either tol is below what "
+            f"{dtype} can reach for this A (use float64 or a looser tol), or the Krylov space "
+            "of one cycle is too small for this A (use a larger restart or a preconditioner)."
         )
         return done(X, Status.BREAKDOWN, iterations, hist, msg, **info)
     if bool(unconverged.any()):

@@ -15,6 +15,7 @@ import numbers
 import torch
 
 from linops import (
+    PSD,
     BlockDiag,
     Dense,
     Diagonal,
@@ -25,6 +26,7 @@ from linops import (
     Permutation,
     Product,
     ScalarMul,
+    SelfAdjoint,
     Sum,
     Triangular,
     dispatch,
@@ -59,7 +61,29 @@ def inv(A: LinearOperator, alg=None) -> LinearOperator:
         >>> x = Ainv @ b; Ainv.solution.iterations
     """
     A = check_operator(A, "inv")
-    return inv_rule(A, check_alg(alg, "inv"))
+    alg = check_alg(alg, "inv")
+    if not isinstance(alg, _SOLVE_ALGS()):
+        raise TypeError(f"inv cannot run {type(alg).__name__}: use Auto, CG, MINRES, GMRES, "
+                        "Cholesky or Dense.")
+    return _keep_tags(inv_rule(A, alg), A)
+
+
+def _SOLVE_ALGS():
+    from .cg import CG
+    from .dense_algs import Cholesky, Dense, Eigh
+    from .gmres import GMRES
+    from .minres import MINRES
+
+    return (Auto, CG, MINRES, GMRES, Cholesky, Dense, Eigh)
+
+
+def _keep_tags(out: LinearOperator, A: LinearOperator) -> LinearOperator:
+    """A⁻¹ of a PSD (self-adjoint) A is PSD (self-adjoint), whatever rule built it."""
+    if is_psd(A) and not is_psd(out):
+        return PSD(out)
+    if is_self_adjoint(A) and not is_self_adjoint(out):
+        return SelfAdjoint(out)
+    return out
 
 
 def solve(A: LinearOperator, b: torch.Tensor, alg=None, x0: torch.Tensor | None = None):
@@ -82,9 +106,8 @@ def pinv(A: LinearOperator, alg=None) -> LinearOperator:
     """The Moore-Penrose pseudo-inverse A⁺ (zero on the null space), lazily.
 
     Structural rules as for ``inv`` (Diagonal: 1/dᵢ where dᵢ ≠ 0, else 0). Otherwise
-    dense ``torch.linalg.pinv`` below ``Auto.dense_threshold``, and MINRES (which returns
-    the minimum-norm solution of a consistent symmetric system from x0 = 0) above it for
-    self-adjoint operators.
+    dense ``torch.linalg.pinv`` below ``Auto.dense_threshold``, and above it, for a
+    self-adjoint A, CG on A² x = A b from x0 = 0 (the minimum-norm least-squares solution).
     """
     A = check_operator(A, "pinv")
     return pinv_rule(A, check_alg(alg, "pinv"))
@@ -179,7 +202,7 @@ class InverseOperator(LinearOperator):
                             "c·I_like(A), or use alg=solvers.Dense() (LU)."
                         )
                     self._factor = L
-                return torch.cholesky_solve(B, self._factor)
+                return self._dense_checked(torch.cholesky_solve(B, self._factor), B)
             if isinstance(alg, (Dense, Eigh)):
                 if self._factor is None:
                     LU, piv, info = torch.linalg.lu_factor_ex(self.A.to_dense())
@@ -187,11 +210,27 @@ class InverseOperator(LinearOperator):
                         raise ValueError("The operator is singular (LU found a zero pivot); "
                                          "use solvers.pinv(A) for a least-squares solution.")
                     self._factor = (LU, piv)
-                return torch.linalg.lu_solve(*self._factor, B)
+                return self._dense_checked(torch.linalg.lu_solve(*self._factor, B), B)
         raise TypeError(
             f"inv cannot run {type(alg).__name__}: use Auto, CG, MINRES, GMRES, Cholesky or "
             "Dense."
         )
+
+
+    def _dense_checked(self, X, B):
+        """Record a dense solve; non-finite input or output is reported, never silent."""
+        from .result import Solution, Status
+
+        finite = bool(torch.isfinite(X).all())
+        self.solution = Solution(
+            value=X, status=Status.CONVERGED if finite else Status.NONFINITE, iterations=0,
+            residuals=torch.zeros(1, X.shape[1], dtype=torch.float64), algorithm=self.alg,
+            message="direct solve" if finite else (
+                "the dense solve produced non-finite values: check b and A for NaN/inf, "
+                "or A for (near) singularity."),
+        )
+        report(self.solution, getattr(self.alg, "on_failure", "warn"))
+        return X
 
 
 class _ImplicitSolve(torch.autograd.Function):
@@ -263,7 +302,12 @@ def inv_rule(A: Diagonal, alg: object) -> LinearOperator:  # noqa: F811
 def inv_rule(A: ScalarMul, alg: object) -> LinearOperator:  # noqa: F811
     if isinstance(A.c, numbers.Number) and A.c == 0:
         raise ValueError("inv of 0·A: the operator is zero.")
-    return ScalarMul(1 / A.c, inv_rule(A.op, alg))
+    op = A.op
+    if isinstance(A.c, numbers.Real) and A.c > 0 and is_psd(A):
+        op = _keep_tags(op, A)  # c·B PSD with c > 0: B is PSD
+    elif isinstance(A.c, numbers.Real) and is_self_adjoint(A) and not is_self_adjoint(op):
+        op = SelfAdjoint(op)
+    return ScalarMul(1 / A.c, inv_rule(op, alg))
 
 
 @dispatch
@@ -285,7 +329,11 @@ def inv_rule(A: BlockDiag, alg: object) -> LinearOperator:  # noqa: F811
 
 @dispatch
 def inv_rule(A: Product, alg: object) -> LinearOperator:  # noqa: F811
-    if all(f.is_square() for f in A.factors):
+    from .dense_algs import Dense as DenseAlg
+    from .dense_algs import Eigh
+
+    # factor-wise only when alg fits any factor (an explicit CG needs the whole PSD product)
+    if all(f.is_square() for f in A.factors) and isinstance(alg, (Auto, DenseAlg, Eigh)):
         return Product(*(inv_rule(f, alg) for f in reversed(A.factors)))
     return _generic_inverse(A, alg)
 
@@ -351,36 +399,66 @@ class _TriangularInverse(LinearOperator):
 
     def __init__(self, T: Triangular):
         super().__init__(T.dtype, T.shape, T.device)
-        self.T = T
+        self.tri = T
 
     def _children(self):
-        return (self.T,)
+        return (self.tri,)
 
     def _matmat(self, X):
-        return torch.linalg.solve_triangular(self.T.M, X, upper=not self.T.lower)
+        return torch.linalg.solve_triangular(self.tri.M, X, upper=not self.tri.lower)
 
     def _rmatmat(self, Y):
-        return torch.linalg.solve_triangular(self.T.M.mH, Y, upper=self.T.lower)
+        return torch.linalg.solve_triangular(self.tri.M.mH, Y, upper=self.tri.lower)
 
     def _repr(self):
-        return self.T._repr() + "⁻¹"
+        return self.tri._repr() + "⁻¹"
 
 
 # ------------------------------------------------------------------ pinv rules
 @dispatch
 def pinv_rule(A: LinearOperator, alg: object) -> LinearOperator:
-    """Generic pseudo-inverse: dense below the threshold, MINRES above (self-adjoint)."""
-    from .minres import MINRES
+    """Generic pseudo-inverse: dense below the threshold, CG on A² above (self-adjoint)."""
+    from .cg import CG
 
     auto = alg if isinstance(alg, Auto) else None
     if auto is not None and A.shape[0] <= auto.dense_threshold:
         return Dense(torch.linalg.pinv(A.to_dense(), hermitian=is_self_adjoint(A)))
+    if not isinstance(alg, (Auto, CG)):
+        raise TypeError(f"pinv runs Auto (dense or CG) or CG, not {type(alg).__name__}.")
+    if not is_self_adjoint(A):
+        raise ValueError("pinv of a large non-self-adjoint operator is not supported; "
+                         "raise Auto(dense_threshold=...) to use a dense pseudo-inverse.")
     if auto is not None:
-        if not is_self_adjoint(A):
-            raise ValueError("pinv of a large non-self-adjoint operator is not supported; "
-                             "raise Auto(dense_threshold=...) to use a dense pseudo-inverse.")
-        alg = auto._make(MINRES, iterative=True)
-    return InverseOperator(A, alg)
+        alg = auto._make(CG, iterative=True)
+    return _PseudoInverse(A, alg)
+
+
+class _PseudoInverse(LinearOperator):
+    """A⁺ b for a self-adjoint A by CG on the consistent system A² x = A b from x0 = 0: the
+    iterates stay in range(A), so CG converges to the minimum-norm least-squares solution.
+    Stops when ‖A b − A² x‖ ≤ tol·‖A b‖ + atol; costs two products per iteration."""
+
+    def __init__(self, A, alg):
+        super().__init__(A.dtype, A.shape, A.device)
+        self.A, self.alg, self.solution = A, alg, None
+        self._tags = frozenset({"self_adjoint"})
+
+    def _children(self):
+        return (self.A,)
+
+    def _repr(self):
+        return self.A._repr_wrapped(2) + "⁺"
+
+    def _matmat(self, B):
+        from .cg import cg
+
+        with torch.no_grad():
+            AB = self.A._matmat(B)
+            sol = cg(lambda X: self.A._matmat(self.A._matmat(X)), AB, self.alg,
+                     on_failure="ignore")
+        self.solution = sol
+        report(sol, self.alg.on_failure)
+        return sol.value
 
 
 @dispatch

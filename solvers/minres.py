@@ -95,10 +95,12 @@ def minres(
     A for ``x0`` and one to confirm convergence; about 13 blocks of the shape of B in
     memory.
 
-    A Lanczos breakdown (an invariant subspace) that does not solve the system (A singular
-    and b outside its range) gives ``Status.BREAKDOWN`` with the least-squares iterate; a
-    preconditioner with ``rᵀMr < 0`` also gives ``Status.BREAKDOWN``; NaN or infinity
-    gives ``Status.NONFINITE``.
+    A Lanczos breakdown (an invariant subspace, ``β ≤ max(100·eps, 0.01·√eps)·‖T‖``) that
+    does not solve the system (A singular and b outside its range) stops the column with
+    ``Status.BREAKDOWN`` and the iterate before the undefined step: it minimizes
+    ``‖b − A x‖`` (a least-squares solution, though not the minimum-norm one; for ``A⁺b``
+    solve the consistent system ``A² y = A b``). A preconditioner with ``rᵀMr < 0`` also
+    gives ``Status.BREAKDOWN``; NaN or infinity gives ``Status.NONFINITE``.
 
     Args:
         matmat: ``X -> A X`` for X (n, k); A symmetric (assumed, not checked).
@@ -129,6 +131,9 @@ def minres(
     max_iters = alg.max_iters if alg.max_iters is not None else 10 * n
     check_every = check_every_for(B2.device, alg.check_every)
     eps = torch.finfo(B2.dtype).eps
+    # β below this times ‖T‖ is an invariant subspace: rounding in the products leaves β
+    # far above eps·‖A‖ there (about 1e-12·‖A‖ in float64 for a low-rank A)
+    stall_ratio = max(100 * eps, 1e-2 * eps**0.5)
 
     def done(value, status, iterations, hist, message, **info):
         value = value[:, 0] if vector else value
@@ -186,6 +191,8 @@ def minres(
     history = [rnorm / scale]
     one = torch.ones_like(st["beta"])
     true_rel = verified_cols = None
+    stuck = torch.zeros(k, dtype=torch.bool, device=B2.device)
+    last_true = torch.full((k,), float("inf"), dtype=B2.dtype, device=B2.device)
 
     it = 0
     while True:
@@ -224,9 +231,14 @@ def minres(
             gbar = sn * dbar - cs * alfa
             st["epsln"] = sn * beta
             st["dbar"] = -cs * beta
-            gamma = torch.clamp(torch.hypot(gbar, beta), min=eps)
+            gamma_raw = torch.hypot(gbar, beta)
+            # γ ≈ 0: T is singular on an invariant subspace (A singular, b outside its
+            # range); the step is undefined, keep the least-squares iterate
+            degenerate = active & (gamma_raw <= stall_ratio * anorm)
+            gamma = torch.clamp(gamma_raw, min=eps)
             st["cs"], st["sn"] = gbar / gamma, beta / gamma
-            phi = torch.where(active, st["cs"] * st["phibar"], 0)
+            update = active & ~degenerate
+            phi = torch.where(update, st["cs"] * st["phibar"], 0)
             st["phibar"] = st["sn"] * st["phibar"]
             # direction update w = (v − ε w₁ − δ w₂)/γ and its image A w
             W1, W2 = st["W2"], st["W"]
@@ -234,12 +246,12 @@ def minres(
             W = torch.where(active, (V - oldeps * W1 - delta * W2) / gamma, 0)
             AW = torch.where(active, (AV - oldeps * AW1 - delta * AW2) / gamma, 0)
             st["W"], st["W2"], st["AW"], st["AW2"] = W, W2, AW, AW2
-            X = torch.where(active, X + phi * W, X)
-            R = torch.where(active, R - phi * AW, R)
+            X = torch.where(update, X + phi * W, X)
+            R = torch.where(update, R - phi * AW, R)
             rnorm = col_norm(R)
             history.append(rnorm / scale)
             converged = rnorm <= thresh
-            new_stall = active & ~converged & (beta <= 10 * eps * anorm)
+            new_stall = active & ~converged & ((beta <= stall_ratio * anorm) | degenerate)
             stalled |= new_stall
             active = active & ~converged & ~new_stall & ~new_not_pd
 
@@ -252,6 +264,11 @@ def minres(
         rtrue = col_norm(R_true)
         true_rel, verified_cols = rtrue / scale, ok
         drifted = ok & ~(rtrue <= thresh)
+        # a restart that did not halve the true residual: stuck at working precision
+        new_stuck = drifted & ~(rtrue <= 0.5 * last_true)
+        stuck |= new_stuck
+        last_true = torch.where(ok, rtrue, last_true)
+        drifted = drifted & ~new_stuck
         if not bool(drifted.any()):
             break
         if it >= max_iters:
@@ -305,6 +322,15 @@ def minres(
             f"system (relative residual {fmt(float(final[stalled.cpu()].max()))}): A is "
             "singular and b is not in its range. The returned x minimizes ‖b − A x‖ over "
             "the Krylov space; use a least-squares formulation or add damping (A + λI)."
+        )
+        return done(X, Status.BREAKDOWN, iterations, hist, msg, **info)
+    if bool(stuck.any()):
+        cols = stuck.nonzero().flatten().tolist()
+        msg = (
+            f"MINRES stagnated in column(s) {cols}: its recurrence residual met tol={alg.tol} "
+            f"but the true residual ‖b − A x‖/‖b‖ = {fmt(float(final[stuck.cpu()].max()))} "
+            f"does not, and restarting from it did not help: tol is below what "
+            f"{B2.dtype} can reach for this A. Use float64, a looser tol or a preconditioner."
         )
         return done(X, Status.BREAKDOWN, iterations, hist, msg, **info)
     unconverged = active.cpu()

@@ -54,8 +54,9 @@ class _Log:
 def apply_unary(f, A: LinearOperator, alg=None) -> LinearOperator:
     """f(A) for a self-adjoint A and a function f acting elementwise on a tensor of
     eigenvalues (e.g. ``torch.exp``). Returns an operator. The Lanczos fallback runs
-    min(``alg.max_iters`` or 50, n) steps per column (fully reorthogonalized); its error
-    falls with the steps as the best polynomial approximation of f on A's spectrum."""
+    m = min(``alg.max_iters`` or 100, n) steps per column (fully reorthogonalized, columns
+    batched) and reports non-convergence when the estimates after m and after
+    m − max(2, m/5) steps differ by more than ``alg.tol`` (relative)."""
     if not callable(f):
         raise TypeError("apply_unary(f, A): f must be a callable acting on a tensor.")
     A = check_operator(A, "apply_unary")
@@ -187,11 +188,17 @@ def unary_rule(f: _Log, A: Kronecker, alg: object) -> LinearOperator:  # noqa: F
 
 
 class _LanczosFunction(LinearOperator):
-    """f(A) b ≈ ‖b‖ Q f(T) e₁ from a Lanczos run on each column b."""
+    """f(A) b ≈ ‖b‖ Q f(T) e₁ from a Lanczos run on each column b (columns batched).
+
+    Runs m = min(``alg.max_iters`` or 100, n) steps and compares with the estimate from the
+    first m − max(2, m/5) steps: when they differ by more than ``alg.tol`` (relative), the
+    product is reported as not converged (``solution`` holds the record).
+    """
 
     def __init__(self, f, A, alg):
         super().__init__(A.dtype, A.shape, A.device)
         self.f, self.A, self.alg = f, A, alg
+        self.solution = None
 
     def _children(self):
         return (self.A,)
@@ -199,24 +206,48 @@ class _LanczosFunction(LinearOperator):
     def _repr(self):
         return f"f({self.A._repr()})"
 
+    def _estimate(self, alphas, betas, Q, norms, m):
+        """‖b‖ Q[:, :m] f(T_m) e₁ for every column, T_m the leading m×m block."""
+        k = alphas.shape[1]
+        T = torch.diag_embed(alphas[:m].mT)  # (k, m, m)
+        if m > 1:
+            b = betas[: m - 1].mT
+            T = T + torch.diag_embed(b, 1) + torch.diag_embed(b, -1)
+        theta, S = torch.linalg.eigh(T)
+        coeff = (S * (self.f(theta) * S[:, 0, :])[:, None, :]).sum(-1)  # (k, m)
+        out = torch.einsum("nmk,km->nk", Q[:, :m, :].to(torch.float64), coeff)
+        del k
+        return out * norms
+
     def _matmat(self, X):
         from .lanczos import lanczos_tridiag
+        from .result import Solution, Status, report
 
-        steps = min(self.alg.max_iters or 50, self.shape[0])
-        cols = []
-        for j in range(X.shape[1]):
-            b = X[:, j]
-            nb = torch.linalg.vector_norm(b)
-            if bool(nb == 0):
-                cols.append(torch.zeros_like(b))
-                continue
-            alphas, betas, Q = lanczos_tridiag(self.A._matmat, b / nb, steps, reorth=True)
-            m = alphas.shape[0]
-            T = torch.diag(alphas.double())
-            if m > 1:
-                bb = betas[: m - 1].double()
-                T = T + torch.diag(bb, 1) + torch.diag(bb, -1)
-            theta, S = torch.linalg.eigh(T)
-            coeff = S @ (self.f(theta) * S[0])
-            cols.append(nb * (Q[:, :m] @ coeff.to(Q.dtype).to(Q.device)))
-        return torch.stack(cols, dim=1)
+        n = self.shape[0]
+        norms = torch.linalg.vector_norm(X, dim=0).to(torch.float64)
+        safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+        V = X / safe.to(X.dtype)
+        V = torch.where(norms[None, :] > 0, V, torch.ones_like(V) / n**0.5)
+        m = min(self.alg.max_iters or 100, n)
+        alphas, betas, Q = lanczos_tridiag(self.A._matmat, V, m, reorth=True)
+        m = alphas.shape[0]
+        full = self._estimate(alphas, betas, Q, norms, m)
+        coarse = self._estimate(alphas, betas, Q, norms, max(1, m - max(2, m // 5)))
+        change = (torch.linalg.vector_norm(full - coarse, dim=0)
+                  / torch.linalg.vector_norm(full, dim=0).clamp_min(1e-300))
+        change = torch.where(norms > 0, change, torch.zeros_like(change))
+        finite = bool(torch.isfinite(full).all())
+        worst = float(change.max())
+        ok = finite and (worst <= self.alg.tol or m == n)
+        status = Status.CONVERGED if ok else (Status.NONFINITE if not finite
+                                              else Status.MAX_ITERS)
+        msg = ("converged" if ok else
+               f"f(A) b by Lanczos changed by {worst:.2e} (relative) over its last steps, "
+               f"above tol={self.alg.tol:g}, after {m} steps: raise Lanczos(max_iters=...) "
+               "or use a dense method for a small A.")
+        self.solution = Solution(value=full.to(X.dtype), status=status, iterations=m,
+                                 residuals=change.cpu()[None, :], algorithm=self.alg,
+                                 message=msg)
+        report(self.solution, self.alg.on_failure)
+        out = full.to(X.dtype)
+        return torch.where(norms[None, :] > 0, out, torch.zeros_like(out))

@@ -1,0 +1,280 @@
+"""``eig``, ``eigmax``, ``eigmin``: which='LA'/'SA'/'LM', k = 1 and 3, every algorithm and the
+structural rules, against ``numpy.linalg.eigvalsh`` in float64."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from conftest import DEVICE_PARAMS, DTYPE_PARAMS
+
+import solvers
+from linops import (
+    PSD,
+    BlockDiag,
+    Dense,
+    Diagonal,
+    I_like,
+    Identity,
+    Kronecker,
+    SelfAdjoint,
+)
+from solvers import (
+    LOBPCG,
+    Auto,
+    Eigh,
+    EigResult,
+    Lanczos,
+    PowerIteration,
+    Status,
+    eig,
+    eigmax,
+    eigmin,
+)
+
+F64 = torch.float64
+#: eigenvalue error allowed, relative to max |λ|, per dtype
+VTOL = {torch.float32: 2e-5, torch.float64: 1e-9}
+#: eigen-residual ‖A v − λ v‖ allowed, relative to max |λ|
+RTOL = {torch.float32: 1e-3, torch.float64: 1e-6}
+
+
+def spectrum_matrix(lam, seed=0):
+    """Q diag(lam) Qᵀ with a random orthogonal Q (float64, CPU)."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(lam)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=g))
+    return (Q * torch.as_tensor(lam, dtype=F64)) @ Q.T
+
+
+def symmetric(n, seed=0):
+    g = torch.Generator().manual_seed(seed + 100)
+    return spectrum_matrix(3 * torch.randn(n, dtype=F64, generator=g), seed)
+
+
+def spd(n, cond=10.0, seed=0):
+    return spectrum_matrix(torch.logspace(0, np.log10(cond), n, dtype=F64), seed)
+
+
+def wanted(M, k, which):
+    """The k wanted eigenvalues of a dense symmetric float64 matrix, most wanted first."""
+    ev = np.linalg.eigvalsh(M.cpu().to(F64).numpy())
+    key = {"LA": -ev, "SA": ev, "LM": -np.abs(ev)}[which]
+    return torch.from_numpy(ev[np.argsort(key, kind="stable")][:k])
+
+
+def check_pairs(res, M, k, which, dtype):
+    vals, vecs = res
+    assert isinstance(res, EigResult) and vals.shape == (k,) and vecs.shape == (M.shape[0], k)
+    scale = float(M.abs().max()) if M.numel() else 1.0
+    scale = max(scale, float(np.abs(np.linalg.eigvalsh(M.cpu().to(F64).numpy())).max()))
+    ref = wanted(M, k, which)
+    assert float((vals.cpu().to(F64) - ref).abs().max()) <= VTOL[dtype] * scale
+    V = vecs.cpu().to(F64)
+    assert torch.allclose(V.norm(dim=0), torch.ones(k, dtype=F64), atol=1e-4)
+    resid = (M.cpu().to(F64) @ V - V * vals.cpu().to(F64)).norm(dim=0)
+    assert float(resid.max()) <= RTOL[dtype] * scale
+
+
+# eigenvalues {−5, −4.5, …, 1}: the largest in magnitude is negative
+N = 40
+LAM = torch.cat([torch.tensor([-5.0, -4.5], dtype=F64), torch.linspace(-3, 1, N - 2, dtype=F64)])
+S = spectrum_matrix(LAM)
+
+ALGS = {
+    "auto-dense": None,
+    "auto-lanczos": Auto(tol=1e-9, dense_threshold=0, options={"seed": 0}),
+    "lanczos": Lanczos(tol=1e-9, seed=0),
+    "lobpcg": LOBPCG(tol=1e-8, seed=0),
+    "eigh": Eigh(),
+    "dense": solvers.Dense(),
+}
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+@pytest.mark.parametrize("name", list(ALGS))
+def test_eig_generic(name, which, k, dtype, device):
+    alg = ALGS[name]
+    if dtype == torch.float32 and alg is not None and hasattr(alg, "tol"):
+        alg = dataclasses.replace(alg, tol=1e-5)
+    A = SelfAdjoint(Dense(S.to(dtype=dtype, device=device)))
+    res = eig(A, k, which, alg)
+    check_pairs(res, S, k, which, dtype)
+    assert res.values.dtype == dtype and res.values.device.type == device
+    iterative = name in ("auto-lanczos", "lanczos", "lobpcg")
+    assert (res.solution is not None) == iterative
+    if iterative:
+        assert res.solution.status is Status.CONVERGED
+        expected = LOBPCG if name == "lobpcg" else Lanczos
+        assert type(res.solution.algorithm) is expected
+
+
+@pytest.mark.parametrize("name", list(ALGS))
+def test_eigmax_is_largest_algebraic(name):
+    alg = ALGS[name]
+    A = SelfAdjoint(Dense(S))
+    lmax, lmin = eigmax(A, alg), eigmin(A, alg)
+    assert lmax.ndim == 0 and lmin.ndim == 0
+    assert abs(float(lmax) - 1.0) < 1e-8  # not −5, the largest in magnitude
+    assert abs(float(lmin) + 5.0) < 1e-8
+    assert abs(float(eig(A, 1, "LM", alg).values[0]) + 5.0) < 1e-8
+    if name in ("auto-lanczos", "lanczos", "lobpcg"):
+        assert lmax.solution.status is Status.CONVERGED
+    assert "algebraic" in eigmax.__doc__.lower()
+
+
+def test_negative_dominant_eigenvalue():
+    M = spectrum_matrix(torch.cat([torch.tensor([-10.0]), torch.linspace(0.1, 2.0, 29)]), seed=4)
+    A = SelfAdjoint(Dense(M))
+    res = eig(A, 1, "LM", PowerIteration(tol=1e-10, seed=0))
+    assert abs(float(res.values[0]) + 10.0) < 1e-8
+    assert res.solution.status is Status.CONVERGED
+    v = res.vectors[:, 0]
+    assert float((M @ v + 10.0 * v).norm()) < 1e-7
+    assert abs(float(eigmax(A, Lanczos(tol=1e-10, seed=0))) - 2.0) < 1e-8
+    assert abs(float(eigmin(A, Lanczos(tol=1e-10, seed=0))) + 10.0) < 1e-8
+    assert abs(float(eigmax(A, LOBPCG(tol=1e-9, seed=0))) - 2.0) < 1e-7
+
+
+def test_power_iteration_refuses_what_it_cannot_do():
+    A = PSD(Dense(spd(10)))
+    with pytest.raises(ValueError, match="MAGNITUDE"):
+        eigmax(A, PowerIteration())
+    with pytest.raises(ValueError, match="LM"):
+        eig(A, 3, "LM", PowerIteration())
+    with pytest.raises(ValueError):
+        eig(A, 1, "SA", PowerIteration())
+    # on a PSD matrix the largest magnitude is the largest eigenvalue
+    res = eig(A, 1, "LM", PowerIteration(tol=1e-10, seed=0, max_iters=5000))
+    assert abs(float(res.values[0]) - 10.0) < 1e-7
+
+
+def test_non_self_adjoint_operator():
+    g = torch.Generator().manual_seed(3)
+    M = torch.randn(30, 30, dtype=F64, generator=g)
+    with pytest.raises(ValueError, match="SelfAdjoint"):
+        eig(Dense(M), 1, alg=Auto(dense_threshold=10))
+    for alg in (Lanczos(), LOBPCG(), PowerIteration()):
+        with pytest.raises(ValueError, match="self-adjoint"):
+            eig(Dense(M), 1, "LM", alg)
+    # a dense method takes a non-symmetric matrix with a real spectrum
+    T = torch.triu(M) + torch.diag(torch.arange(30, dtype=F64))
+    res = eig(Dense(T), 3, "LA", solvers.Dense())
+    ev = np.sort(np.linalg.eigvals(T.numpy()).real)[::-1][:3].copy()
+    assert torch.allclose(res.values, torch.from_numpy(ev), atol=1e-9)
+    V = res.vectors
+    assert float((T @ V - V * res.values).norm(dim=0).max()) < 1e-8
+    # and says so when the spectrum is complex
+    R = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=F64)
+    with pytest.raises(ValueError, match="complex"):
+        eig(Dense(R), 1, alg=solvers.Dense())
+
+
+# ------------------------------------------------------------------ structural rules
+def strict(op):
+    """A copy of ``op`` that fails if multiplied or densified as a whole: proves that a
+    structural rule worked on its parts."""
+
+    def fail(self, *args):
+        raise AssertionError(f"{type(op).__name__} was used as a whole, not by its structure")
+
+    cls = type("Strict" + type(op).__name__, (type(op),),
+               {"_matmat": fail, "_rmatmat": fail, "to_dense": fail})
+    out = object.__new__(cls)
+    out.__dict__.update(op.__dict__)
+    return out
+
+
+A8 = SelfAdjoint(Dense(symmetric(8)))
+B5 = PSD(Dense(spd(5, seed=1)))
+
+STRUCTURES = {
+    "scalar+": lambda: 3.0 * A8,
+    "scalar-": lambda: -2.0 * A8,
+    "diagonal": lambda: Diagonal(torch.randn(10, dtype=F64, generator=torch.Generator()
+                                             .manual_seed(5))),
+    "identity": lambda: Identity(6, F64),
+    "kronecker2": lambda: Kronecker(A8, B5),
+    "kronecker3": lambda: Kronecker(SelfAdjoint(Dense(symmetric(3, 1))), PSD(Dense(spd(4))),
+                                    SelfAdjoint(Dense(symmetric(2, 3)))),
+    "blockdiag": lambda: BlockDiag(A8, B5, Diagonal(torch.tensor([-7.0, 9.0], dtype=F64))),
+    "shift+": lambda: A8 + 2.5 * I_like(A8),
+    "shift-": lambda: A8 - 2.5 * I_like(A8),
+    "shift-I": lambda: A8 + I_like(A8),
+}
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+@pytest.mark.parametrize("name", list(STRUCTURES))
+def test_eig_structural_rule(name, which, dtype, device):
+    op = STRUCTURES[name]().to(dtype=dtype, device=device)
+    M = op.to_dense().cpu().to(F64)
+    for k in (1, 3):
+        check_pairs(eig(op, k, which), M, k, which, dtype)
+
+
+@pytest.mark.parametrize("name", ["scalar+", "scalar-", "kronecker2", "kronecker3", "blockdiag",
+                                  "shift+", "shift-", "shift-I"])
+def test_eig_structural_rule_works_on_the_parts(name):
+    op = STRUCTURES[name]()
+    M = op.to_dense()
+    # (a shift moves the largest magnitude: 'LM' of B + c·I is not 'LM' of B, so not tested)
+    for which in ("LA", "SA") if name.startswith("shift") else ("LA", "SA", "LM"):
+        res = eig(strict(op), 3, which, Lanczos(tol=1e-10, seed=0))
+        check_pairs(res, M, 3, which, F64)
+
+
+def test_negative_scalar_flips_the_wanted_end():
+    # eig 'LA' of −2·A is −2 times eig 'SA' of A
+    res = eig(-2.0 * A8, 2, "LA", Lanczos(tol=1e-10, seed=0))
+    ref = np.linalg.eigvalsh(A8.to_dense().numpy())[:2]
+    assert torch.allclose(res.values, torch.from_numpy(-2.0 * ref), atol=1e-8)
+
+
+def test_tag_on_a_scalar_multiple_reaches_the_rule():
+    # SelfAdjoint(3·B): the ScalarMul rule recurses into B, which must stay self-adjoint
+    B = Dense(symmetric(6, 2))
+    op = SelfAdjoint(3.0 * B)
+    M = op.to_dense()
+    for which in ("LA", "SA"):
+        check_pairs(eig(op, 2, which, Lanczos(tol=1e-10, seed=0)), M, 2, which, F64)
+
+
+def test_shift_of_a_tagged_sum_with_a_scalar_term():
+    # SelfAdjoint(3·B + I): the shift rule must see that 3·B is self-adjoint
+    B = Dense(symmetric(6, 2))
+    op = SelfAdjoint(3.0 * B + I_like(B))
+    M = op.to_dense()
+    check_pairs(eig(op, 2, "LA"), M, 2, "LA", F64)
+    check_pairs(eig(op, 2, "SA", Lanczos(tol=1e-10, seed=0)), M, 2, "SA", F64)
+
+
+def test_k_equal_n_and_k_none():
+    op = SelfAdjoint(Dense(symmetric(6)))
+    M = op.to_dense()
+    check_pairs(eig(op, 6, "SA"), M, 6, "SA", F64)
+    assert eig(op, None, "LA").values.shape == (6,)
+
+
+# ------------------------------------------------------------------ misuse
+def test_eig_misuse_errors():
+    op = SelfAdjoint(Dense(S))
+    for k in (0, N + 1, 1.5, "2"):
+        with pytest.raises(ValueError, match="k must be"):
+            eig(op, k)
+    for which in ("BE", "la", "LR", None):
+        with pytest.raises(ValueError, match="which"):
+            eig(op, 1, which)
+    with pytest.raises(TypeError, match="instance"):
+        eig(op, 1, "LA", Lanczos)
+    with pytest.raises(TypeError, match="linops.Dense"):
+        eig(S, 1)
+    with pytest.raises(ValueError, match="square"):
+        eigmax(Dense(torch.ones(3, 4, dtype=F64)))
+    with pytest.raises(TypeError, match="eig cannot run"):
+        eig(op, 1, "LA", solvers.CG())
