@@ -109,18 +109,21 @@ def unary_rule(f: object, A: LinearOperator, alg: object) -> LinearOperator:
                              "linops.SelfAdjoint or linops.PSD if it is).")
         vals, vecs = torch.linalg.eigh(A.to_dense())
         out = Dense((vecs * f(vals)[None, :]) @ vecs.mH)
-        return _tag_like(out, A)
+        return _tag_like(out, A, f)
     if isinstance(alg, Lanczos):
         if not is_self_adjoint(A):
             raise ValueError("Lanczos matrix functions need a self-adjoint operator.")
-        return _tag_like(_LanczosFunction(f, A, alg), A)
+        return _tag_like(_LanczosFunction(f, A, alg), A, f)
     raise TypeError(f"apply_unary cannot run {type(alg).__name__}: use Auto, Eigh, Dense or "
                     "Lanczos.")
 
 
-def _tag_like(out, A):
-    # f(A) of a self-adjoint A is self-adjoint (for real f)
-    out._tags = frozenset({"self_adjoint"})
+def _tag_like(out, A, f):
+    # f(A) of a self-adjoint A is self-adjoint (real f); exp(A), and Aᵖ of a PSD A, are PSD
+    tags = {"self_adjoint"}
+    if f is torch.exp or (isinstance(f, Power) and is_psd(A)):
+        tags.add("psd")
+    out._tags = frozenset(tags)
     return out
 
 

@@ -11,6 +11,10 @@ CUDA cases are always collected and skipped cleanly (with a reason) when no GPU 
 import pytest
 import torch
 
+# The suite runs as `pytest -n 2` on 2 cores: one thread per worker avoids oversubscription
+# (small products ran ~100× slower with 2 threads per worker on a busy machine).
+torch.set_num_threads(1)
+
 #: "cpu", plus "cuda" when a GPU is present.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
