@@ -1,0 +1,164 @@
+"""Cost of curvature products relative to one gradient, on the reference problem.
+
+The reference problem of the CoLA Gauss-Newton notebook: 5 spirals × 100 points, an MLP
+2 → 200 → 200 → 5 with SiLU (41,805 parameters), full batch, mean cross entropy.
+
+Each operation is timed interleaved (one round runs every operation once, in turn) so that
+machine noise hits them alike. Printed: the median and the minimum time over rounds, the
+median over rounds of the ratio to the gradient (``loss.backward()``) timed in the same
+round, and the ratio of the minima (the better estimate on a machine shared with other
+jobs, where slow rounds are interference):
+
+    python benchmarks/profile_products.py [--threads 2] [--rounds 30] [--k 10]
+                                          [--quiet-wait 300]
+
+Timings of millisecond-sized CPU kernels are ruined when other jobs take the cores, so the
+script first waits (at most ``--quiet-wait`` seconds) until less than a third of a core is
+busy elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from linops.curvature import GGN, EmpiricalFisher, Hessian
+
+
+def spirals(n_per_class: int = 100, classes: int = 5, seed: int = 0):
+    """``classes`` interleaved spiral arms of ``n_per_class`` noisy points each."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.linspace(0.05, 1.0, n_per_class)
+    X, y = [], []
+    for c in range(classes):
+        angle = 3.0 * math.pi * t + 2.0 * math.pi * c / classes
+        pts = torch.stack([t * torch.cos(angle), t * torch.sin(angle)], dim=1)
+        X.append(pts + 0.03 * torch.randn(pts.shape, generator=g))
+        y.append(torch.full((n_per_class,), c))
+    return torch.cat(X), torch.cat(y)
+
+
+def reference_problem(seed: int = 0):
+    torch.manual_seed(seed)
+    X, y = spirals(seed=seed)
+    model = nn.Sequential(
+        nn.Linear(2, 200), nn.SiLU(), nn.Linear(200, 200), nn.SiLU(), nn.Linear(200, 5)
+    )
+    return model, nn.CrossEntropyLoss(), X, y
+
+
+def measure(threads: int = 2, rounds: int = 30, k: int = 10):
+    """Per operation: median seconds, minimum seconds, median per-round ratio to a gradient
+    and ratio of the minima."""
+    torch.set_num_threads(threads)
+    model, loss_fn, X, y = reference_problem()
+    n = sum(p.numel() for p in model.parameters())
+    data = (X, y)
+    G = GGN(model, loss_fn, data)
+    Gv = GGN(model, loss_fn, data, vectorize=True)
+    H = Hessian(model, loss_fn, data)
+    Hv = Hessian(model, loss_fn, data, vectorize=True)
+    F = EmpiricalFisher(model, loss_fn, data)
+    v = torch.randn(n)
+    V = torch.randn(n, k)
+
+    def gradient():
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(X), y).backward()
+
+    ops = {
+        "gradient (loss.backward())": gradient,
+        "forward (no grad)": lambda: torch.no_grad()(model)(X),
+        "GGN build": lambda: GGN(model, loss_fn, data),
+        "GGN product": lambda: G @ v,
+        f"GGN product, k={k} (loop)": lambda: G @ V,
+        f"GGN product, k={k} (vmap)": lambda: Gv @ V,
+        "Hessian build": lambda: Hessian(model, loss_fn, data),
+        "Hessian product": lambda: H @ v,
+        f"Hessian product, k={k} (loop)": lambda: H @ V,
+        f"Hessian product, k={k} (vmap)": lambda: Hv @ V,
+        "EmpiricalFisher product": lambda: F @ v,
+    }
+    for f in ops.values():  # warm up
+        f()
+        f()
+    times = {name: [] for name in ops}
+    for _ in range(rounds):
+        for name, f in ops.items():
+            t0 = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t0)
+    grad = times["gradient (loss.backward())"]
+    med = {name: statistics.median(t) for name, t in times.items()}
+    ratio = {
+        name: statistics.median(a / b for a, b in zip(t, grad)) for name, t in times.items()
+    }
+    low = {name: min(t) for name, t in times.items()}
+    low_ratio = {name: t / low["gradient (loss.backward())"] for name, t in low.items()}
+    return med, low, ratio, low_ratio, n
+
+
+def _busy_cores(interval: float = 1.0) -> float | None:
+    """Cores busy over ``interval`` seconds, from /proc/stat (None where unavailable)."""
+
+    def sample():
+        with open("/proc/stat") as f:
+            fields = [float(v) for v in f.readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(interval)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 == total0:
+        return 0.0
+    return (1.0 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
+def wait_for_quiet(limit: float = 0.3, max_wait: float = 300.0) -> float | None:
+    """Wait until fewer than ``limit`` cores are busy, at most ``max_wait`` seconds."""
+    deadline = time.monotonic() + max_wait
+    load = _busy_cores()
+    while load is not None and load > limit and time.monotonic() < deadline:
+        time.sleep(2.0)
+        load = _busy_cores()
+    return load
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--quiet-wait", type=float, default=300.0)
+    args = parser.parse_args()
+    load = wait_for_quiet(max_wait=args.quiet_wait)
+    if load is not None:
+        print(f"cores busy elsewhere before measuring: {load:.2f}")
+    med, low, ratio, low_ratio, n = measure(args.threads, args.rounds, args.k)
+    print(f"reference problem: {n} parameters, {args.threads} threads, "
+          f"{args.rounds} interleaved rounds")
+    print(f"  {'operation':34s} {'median':>9s} {'min':>9s}  {'× gradient (median, min)':>24s}")
+    for name in med:
+        print(f"  {name:34s} {med[name] * 1e3:6.2f} ms {low[name] * 1e3:6.2f} ms  "
+              f"{ratio[name]:10.2f} {low_ratio[name]:10.2f}")
+    k = args.k
+    for op in ("GGN", "Hessian"):
+        for mode in ("loop", "vmap"):
+            key = f"{op} product, k={k} ({mode})"
+            r_med = ratio[key] / (k * ratio[f"{op} product"])
+            r_min = low[key] / (k * low[f"{op} product"])
+            print(f"  {op} k={k} ({mode}) / (k × one product): median {r_med:.2f}, "
+                  f"min {r_min:.2f}")
+
+
+if __name__ == "__main__":
+    main()
