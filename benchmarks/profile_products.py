@@ -20,37 +20,20 @@ busy elsewhere.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import time
 
 import torch
-from torch import nn
 
 from linops.curvature import GGN, EmpiricalFisher, Hessian
+from solvers import problems
 
 
-def spirals(n_per_class: int = 100, classes: int = 5, seed: int = 0):
-    """``classes`` interleaved spiral arms of ``n_per_class`` noisy points each."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.linspace(0.05, 1.0, n_per_class)
-    X, y = [], []
-    for c in range(classes):
-        angle = 3.0 * math.pi * t + 2.0 * math.pi * c / classes
-        pts = torch.stack([t * torch.cos(angle), t * torch.sin(angle)], dim=1)
-        X.append(pts + 0.03 * torch.randn(pts.shape, generator=g))
-        y.append(torch.full((n_per_class,), c))
-    return torch.cat(X), torch.cat(y)
-
-
-def reference_problem(seed: int = 0):
-    torch.manual_seed(seed)
-    X, y = spirals(seed=seed)
-    model = nn.Sequential(
-        nn.Linear(2, 200), nn.SiLU(), nn.Linear(200, 200), nn.SiLU(), nn.Linear(200, 5)
-    )
-    return model, nn.CrossEntropyLoss(), X, y
+def reference_problem():
+    """The problem of ``solvers.problems``: (model, loss_fn, X, y)."""
+    problem = problems.reference_problem()
+    return problem.model, problem.loss_fn, problem.X, problem.y
 
 
 def measure(threads: int = 2, rounds: int = 30, k: int = 10):

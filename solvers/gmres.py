@@ -10,20 +10,16 @@ from typing import Any
 
 import torch
 
+from ._krylov_loop import LinearSolve, columns, host_says_stop
 from ._krylov_utils import (
     Matmat,
-    as_apply,
-    check_every_for,
     check_matmat_output,
     check_positive_int,
     col_norm,
     fmt,
-    history_to_cpu,
-    prepare_rhs,
-    prepare_x0,
     validate_common,
 )
-from .result import Solution, Status, check_on_failure, report
+from .result import Solution, Status
 
 __all__ = ["GMRES", "gmres"]
 
@@ -114,49 +110,15 @@ def gmres(
         >>> sol.status.name, sol.value
         ('CONVERGED', tensor([1.0000, 1.0000]))
     """
-    alg = GMRES() if alg is None else alg
-    if not isinstance(alg, GMRES):
-        raise TypeError(f"gmres takes a GMRES configuration, got {type(alg).__name__}.")
-    on_failure = alg.on_failure if on_failure is None else check_on_failure(on_failure)
-    B2, vector = prepare_rhs(B)
-    n, k = B2.shape
+    job = LinearSolve(GMRES, alg, B, x0, preconditioner, on_failure)
+    if not job.inputs_finite:
+        return job.nonfinite_inputs(cycles=0)
+    X, R, rnorm, active = job.initial_residual(matmat)
+    B2, n, k, M, max_iters = job.B, job.n, job.k, job.M, job.max_iters
+    thresh, scale, restart = job.thresh, job.scale, job.alg.restart
     dtype, device = B2.dtype, B2.device
-    X = prepare_x0(alg.x0 if x0 is None else x0, B2, vector)
-    M = as_apply(alg.preconditioner if preconditioner is None else preconditioner)
-    max_iters = alg.max_iters if alg.max_iters is not None else 10 * n
-    check_every = check_every_for(device, alg.check_every)
     eps = torch.finfo(dtype).eps
-
-    def done(value, status, iterations, hist, message, **info):
-        value = value[:, 0] if vector else value
-        sol = Solution(value, status, iterations, hist, alg, message, info)
-        return report(sol, on_failure, stacklevel=4)
-
-    bnorm = col_norm(B2)
-    inputs_finite = torch.isfinite(bnorm).all()
-    if X is not None:
-        inputs_finite = inputs_finite & torch.isfinite(X).all()
-    if not bool(inputs_finite):
-        nan = torch.full((1, k), float("nan"), dtype=torch.float64)
-        return done(
-            torch.full_like(B2, float("nan")), Status.NONFINITE, 0, nan,
-            "GMRES: the right-hand side or x0 holds NaN or infinity; nothing was solved.",
-            column_iterations=[0] * k, products=0, cycles=0,
-        )  # fmt: skip
-
-    products = 0
-    if X is None:
-        X = torch.zeros_like(B2)
-        R = B2.clone()
-    else:
-        AX = matmat(X)
-        check_matmat_output(AX, X)
-        R = B2 - AX
-        products = 1
-    thresh = alg.tol * bnorm + alg.atol
-    scale = torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
-    rnorm = col_norm(R)
-    active = ~(rnorm <= thresh)
+    products = job.products
     broken = torch.zeros(k, dtype=torch.bool, device=device)
     nonfinite = torch.zeros(k, dtype=torch.bool, device=device)
     stuck = torch.zeros(k, dtype=torch.bool, device=device)
@@ -167,13 +129,10 @@ def gmres(
     one = torch.ones((), dtype=dtype, device=device)
 
     while iterations < max_iters:
-        any_active, any_bad = torch.stack(
-            [active.any(), (active & ~torch.isfinite(rnorm)).any()]
-        ).tolist()
-        if not any_active or any_bad:
+        if host_says_stop(active, rnorm):
             break
         cycles += 1
-        m = min(alg.restart, n, max_iters - iterations)
+        m = min(restart, n, max_iters - iterations)
         V = torch.zeros((m + 1, n, k), dtype=dtype, device=device)
         V[0] = torch.where(active, R / torch.where(active, rnorm, one), 0)
         H = torch.zeros((m + 1, m, k), dtype=dtype, device=device)
@@ -186,7 +145,7 @@ def gmres(
         rows = []
         last = rnorm / scale
         for j in range(m):
-            if j > 0 and j % check_every == 0 and not bool(cyc_active.any()):
+            if j > 0 and j % job.check_every == 0 and not bool(cyc_active.any()):
                 break
             Z = M(V[j]) if M is not None else V[j]
             Wv = matmat(Z)
@@ -254,51 +213,37 @@ def gmres(
         if used == 0:
             break
 
-    hist = history_to_cpu(history)
+    hist = job.history(history)
     final = hist[-1]
     info = dict(column_iterations=col_iters.tolist(), products=products, cycles=cycles)
-    nonfinite = nonfinite.cpu() | ~torch.isfinite(final) | ~torch.isfinite(X).all(0).cpu()
-    if bool(nonfinite.any()):
-        cols = nonfinite.nonzero().flatten().tolist()
-        msg = (
-            f"GMRES: NaN or infinity appeared in column(s) {cols} after {iterations} "
-            "iterations: the products of A (or of the preconditioner) are not finite. "
-            "Check the operator for overflow or invalid values; try float64."
-        )
-        return done(X, Status.NONFINITE, iterations, hist, msg, **info)
+    end = job.reporter(X, iterations, hist, info)
+    if cols := columns(nonfinite.cpu() | job.nonfinite_columns(final, X)):
+        return end(Status.NONFINITE, job.nonfinite_message(cols, iterations))
     unconverged = (~(rnorm <= thresh)).cpu()
-    bad_break = broken.cpu() & unconverged
-    if bool(bad_break.any()):
-        cols = bad_break.nonzero().flatten().tolist()
+    if cols := columns(broken.cpu() & unconverged):
         msg = (
             f"GMRES broke down in column(s) {cols} (relative residual "
-            f"{fmt(float(final[bad_break].max()))}): A is singular on the Krylov space, so "
+            f"{fmt(float(final[cols].max()))}): A is singular on the Krylov space, so "
             "the least-squares problem has no unique solution. Check that A is "
             "nonsingular, or add damping (A + λI)."
         )
-        return done(X, Status.BREAKDOWN, iterations, hist, msg, **info)
-    bad_stuck = stuck.cpu() & unconverged
-    if bool(bad_stuck.any()):
-        cols = bad_stuck.nonzero().flatten().tolist()
+        return end(Status.BREAKDOWN, msg)
+    if cols := columns(stuck.cpu() & unconverged):
         msg = (
-            f"GMRES stagnated in column(s) {cols}: a whole cycle of restart={alg.restart} "
+            f"GMRES stagnated in column(s) {cols}: a whole cycle of restart={restart} "
             f"steps did not reduce the true residual ‖b − A x‖/‖b‖ = "
-            f"{fmt(float(final[bad_stuck].max()))} (> tol={alg.tol}). Either tol is below what "
-            f"{dtype} can reach for this A (use float64 or a looser tol), or the Krylov space "
-            "of one cycle is too small for this A (use a larger restart or a preconditioner)."
+            f"{fmt(float(final[cols].max()))} (> tol={job.alg.tol}). Either tol is below "
+            f"what {dtype} can reach for this A (use float64 or a looser tol), or the Krylov "
+            "space of one cycle is too small for this A (use a larger restart or a "
+            "preconditioner)."
         )
-        return done(X, Status.BREAKDOWN, iterations, hist, msg, **info)
-    if bool(unconverged.any()):
-        worst = float(final[unconverged].max())
-        msg = (
-            f"GMRES did not converge in {iterations} iterations ({cycles} cycle(s) of at "
-            f"most restart={alg.restart}, max_iters={max_iters}): relative residual "
-            f"{fmt(worst)} > tol={alg.tol} in {int(unconverged.sum())} of {k} column(s). "
-            "Try a larger restart, a larger max_iters, a looser tol or a preconditioner."
-        )
-        return done(X, Status.MAX_ITERS, iterations, hist, msg, **info)
-    msg = (
-        f"GMRES converged in {iterations} iterations ({cycles} cycle(s)): relative residual "
-        f"{fmt(float(final.max()))} ≤ tol={alg.tol} (atol={alg.atol}) in all {k} column(s)."
-    )
-    return done(X, Status.CONVERGED, iterations, hist, msg, **info)
+        return end(Status.BREAKDOWN, msg)
+    if cols := columns(unconverged):
+        msg = job.unconverged_message(
+            iterations, f"{cycles} cycle(s) of at most restart={restart}, "
+            f"max_iters={max_iters}", cols, final,
+            "Try a larger restart, a larger max_iters, a looser tol or a preconditioner.",
+        )  # fmt: skip
+        return end(Status.MAX_ITERS, msg)
+    msg = job.converged_message(iterations, float(final.max()), f" ({cycles} cycle(s))")
+    return end(Status.CONVERGED, msg)

@@ -10,20 +10,9 @@ from typing import Any
 
 import torch
 
-from ._krylov_utils import (
-    Matmat,
-    as_apply,
-    check_every_for,
-    check_matmat_output,
-    col_dot,
-    col_norm,
-    fmt,
-    history_to_cpu,
-    prepare_rhs,
-    prepare_x0,
-    validate_common,
-)
-from .result import Solution, Status, check_on_failure, report
+from ._krylov_loop import LinearSolve, columns, host_says_stop
+from ._krylov_utils import Matmat, check_matmat_output, col_dot, col_norm, fmt, validate_common
+from .result import Solution, Status
 
 __all__ = ["MINRES", "minres"]
 
@@ -120,51 +109,16 @@ def minres(
         >>> sol.value
         tensor([-1.0000,  2.0000])
     """
-    alg = MINRES() if alg is None else alg
-    if not isinstance(alg, MINRES):
-        raise TypeError(f"minres takes a MINRES configuration, got {type(alg).__name__}.")
-    on_failure = alg.on_failure if on_failure is None else check_on_failure(on_failure)
-    B2, vector = prepare_rhs(B)
-    n, k = B2.shape
-    X = prepare_x0(alg.x0 if x0 is None else x0, B2, vector)
-    M = as_apply(alg.preconditioner if preconditioner is None else preconditioner)
-    max_iters = alg.max_iters if alg.max_iters is not None else 10 * n
-    check_every = check_every_for(B2.device, alg.check_every)
+    job = LinearSolve(MINRES, alg, B, x0, preconditioner, on_failure)
+    if not job.inputs_finite:
+        return job.nonfinite_inputs()
+    X, R, rnorm, active = job.initial_residual(matmat)
+    B2, k, M, max_iters = job.B, job.k, job.M, job.max_iters
+    thresh, scale = job.thresh, job.scale
     eps = torch.finfo(B2.dtype).eps
     # β below this times ‖T‖ is an invariant subspace: rounding in the products leaves β
     # far above eps·‖A‖ there (about 1e-12·‖A‖ in float64 for a low-rank A)
     stall_ratio = max(100 * eps, 1e-2 * eps**0.5)
-
-    def done(value, status, iterations, hist, message, **info):
-        value = value[:, 0] if vector else value
-        sol = Solution(value, status, iterations, hist, alg, message, info)
-        return report(sol, on_failure, stacklevel=4)
-
-    bnorm = col_norm(B2)
-    inputs_finite = torch.isfinite(bnorm).all()
-    if X is not None:
-        inputs_finite = inputs_finite & torch.isfinite(X).all()
-    if not bool(inputs_finite):
-        nan = torch.full((1, k), float("nan"), dtype=torch.float64)
-        return done(
-            torch.full_like(B2, float("nan")), Status.NONFINITE, 0, nan,
-            "MINRES: the right-hand side or x0 holds NaN or infinity; nothing was solved.",
-            column_iterations=[0] * k, products=0,
-        )  # fmt: skip
-
-    products = 0
-    if X is None:
-        X = torch.zeros_like(B2)
-        R = B2.clone()
-    else:
-        AX = matmat(X)
-        check_matmat_output(AX, X)
-        R = B2 - AX
-        products = 1
-    thresh = alg.tol * bnorm + alg.atol
-    scale = torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
-    rnorm = col_norm(R)
-    active = ~(rnorm <= thresh)
 
     def lanczos_start(R, mask, st):
         """(Re)start the Lanczos/QR state of the columns in ``mask`` from residual R."""
@@ -190,19 +144,12 @@ def minres(
     col_iters = torch.zeros(k, dtype=torch.long, device=B2.device)
     history = [rnorm / scale]
     one = torch.ones_like(st["beta"])
-    true_rel = verified_cols = None
-    stuck = torch.zeros(k, dtype=torch.bool, device=B2.device)
-    last_true = torch.full((k,), float("inf"), dtype=B2.dtype, device=B2.device)
 
     it = 0
     while True:
         while it < max_iters:
-            if it % check_every == 0:
-                any_active, any_bad = torch.stack(
-                    [active.any(), (active & ~torch.isfinite(rnorm)).any()]
-                ).tolist()
-                if not any_active or any_bad:
-                    break
+            if it % job.check_every == 0 and host_says_stop(active, rnorm):
+                break
             it += 1
             col_iters += active
             beta, oldb = st["beta"], st["oldb"]
@@ -257,94 +204,55 @@ def minres(
 
         # the recurrence residual drifts from b − A x: check converged columns once
         ok = ~active & ~stalled & ~not_pd & torch.isfinite(rnorm) & (col_iters > 0)
-        if not bool(ok.any()):
+        restart = job.confirm(matmat, X, R, ok)
+        if restart is None:
             break
-        R_true = B2 - matmat(X)
-        products += 1
-        rtrue = col_norm(R_true)
-        true_rel, verified_cols = rtrue / scale, ok
-        drifted = ok & ~(rtrue <= thresh)
-        # a restart that did not halve the true residual: stuck at working precision
-        new_stuck = drifted & ~(rtrue <= 0.5 * last_true)
-        stuck |= new_stuck
-        last_true = torch.where(ok, rtrue, last_true)
-        drifted = drifted & ~new_stuck
-        if not bool(drifted.any()):
-            break
+        drifted, R, rnorm = restart
         if it >= max_iters:
             active = active | drifted
             break
-        # residual replacement: restart the drifted columns from the true residual
-        R = torch.where(drifted, R_true, R)
-        rnorm = col_norm(R)
         st, bad = lanczos_start(R, drifted, st)
         not_pd |= bad
         active = active | (drifted & ~bad)
 
     iterations = int(col_iters.max())
-    hist = history_to_cpu(history[: iterations + 1])
-    if true_rel is not None:  # the last row holds the true residual where it was computed
-        hist[-1] = torch.where(verified_cols.cpu(), true_rel.cpu().double(), hist[-1])
+    hist = job.history(history, iterations)
     final = hist[-1]
-    info = dict(column_iterations=col_iters.tolist(), products=products + it)
-    nonfinite = ~torch.isfinite(final) | ~torch.isfinite(X).all(0).cpu()
-    if bool(nonfinite.any()):
-        cols = nonfinite.nonzero().flatten().tolist()
-        msg = (
-            f"MINRES: NaN or infinity appeared in column(s) {cols} after {iterations} "
-            "iterations: the products of A (or of the preconditioner) are not finite. "
-            "Check the operator for overflow or invalid values; try float64."
-        )
-        return done(X, Status.NONFINITE, iterations, hist, msg, **info)
-    if bool(not_pd.any()):
-        cols = not_pd.nonzero().flatten().tolist()
+    info = dict(column_iterations=col_iters.tolist(), products=job.products + it)
+    end = job.reporter(X, iterations, hist, info)
+    if cols := columns(job.nonfinite_columns(final, X)):
+        return end(Status.NONFINITE, job.nonfinite_message(cols, iterations))
+    if cols := columns(not_pd):
         msg = (
             f"MINRES broke down in column(s) {cols}: rᵀMr < 0, the preconditioner is not "
             "positive definite. MINRES needs a symmetric positive definite preconditioner "
             "even for an indefinite A; use one (e.g. |diag(A)| for Jacobi) or none."
         )
-        return done(X, Status.BREAKDOWN, iterations, hist, msg, **info)
+        return end(Status.BREAKDOWN, msg)
     stalled_cpu = stalled.cpu()
-    at_precision = stalled_cpu & (final <= 1e3 * eps)
-    if bool(at_precision.any()):
-        cols = at_precision.nonzero().flatten().tolist()
+    if cols := columns(stalled_cpu & (final <= 1e3 * eps)):
         msg = (
             f"MINRES reached an invariant subspace in column(s) {cols}: x solves the system "
             f"to the working precision of {B2.dtype} (relative residual "
-            f"{fmt(float(final[at_precision].max()))}), but tol={alg.tol} asks for more. "
+            f"{fmt(float(final[cols].max()))}), but tol={job.alg.tol} asks for more. "
             "Use float64 or a looser tol."
         )
-        return done(X, Status.BREAKDOWN, iterations, hist, msg, **info)
-    if bool(stalled.any()):
-        cols = stalled.nonzero().flatten().tolist()
+        return end(Status.BREAKDOWN, msg)
+    if cols := columns(stalled_cpu):
         msg = (
             f"MINRES reached an invariant subspace in column(s) {cols} without solving the "
-            f"system (relative residual {fmt(float(final[stalled.cpu()].max()))}): A is "
+            f"system (relative residual {fmt(float(final[cols].max()))}): A is "
             "singular and b is not in its range. The returned x minimizes ‖b − A x‖ over "
             "the Krylov space; use a least-squares formulation or add damping (A + λI)."
         )
-        return done(X, Status.BREAKDOWN, iterations, hist, msg, **info)
-    if bool(stuck.any()):
-        cols = stuck.nonzero().flatten().tolist()
-        msg = (
-            f"MINRES stagnated in column(s) {cols}: its recurrence residual met tol={alg.tol} "
-            f"but the true residual ‖b − A x‖/‖b‖ = {fmt(float(final[stuck.cpu()].max()))} "
-            f"does not, and restarting from it did not help: tol is below what "
-            f"{B2.dtype} can reach for this A. Use float64, a looser tol or a preconditioner."
-        )
-        return done(X, Status.BREAKDOWN, iterations, hist, msg, **info)
-    unconverged = active.cpu()
-    if bool(unconverged.any()):
-        worst = float(final[unconverged].max())
-        msg = (
-            f"MINRES did not converge in {iterations} iterations (max_iters={max_iters}): "
-            f"relative residual {fmt(worst)} > tol={alg.tol} in {int(unconverged.sum())} "
-            f"of {k} column(s). Try a larger max_iters, a looser tol, or a symmetric "
-            "positive definite preconditioner."
-        )
-        return done(X, Status.MAX_ITERS, iterations, hist, msg, **info)
-    msg = (
-        f"MINRES converged in {iterations} iterations: relative residual "
-        f"{fmt(float(final.max()))} ≤ tol={alg.tol} (atol={alg.atol}) in all {k} column(s)."
-    )
-    return done(X, Status.CONVERGED, iterations, hist, msg, **info)
+        return end(Status.BREAKDOWN, msg)
+    if cols := columns(job.stuck):
+        return end(Status.BREAKDOWN, job.stagnation_message(cols, final))
+    if cols := columns(active):
+        msg = job.unconverged_message(
+            iterations, f"max_iters={max_iters}", cols, final,
+            "Try a larger max_iters, a looser tol, or a symmetric positive definite "
+            "preconditioner.",
+        )  # fmt: skip
+        return end(Status.MAX_ITERS, msg)
+    return end(Status.CONVERGED, job.converged_message(iterations, float(final.max())))

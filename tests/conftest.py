@@ -1,36 +1,22 @@
-"""Shared fixtures for the test suite: devices, dtypes and a fixed seed.
+"""Shared fixtures for the test suite: devices, dtypes, a fixed seed, one torch thread.
 
-Fixtures only; no helpers with behaviour. Use them as
+Fixtures only; helpers with behaviour and the parametrization lists live in ``_helpers.py``.
+Use them as
 
     def test_something(device, dtype): ...        # parametrized fixtures
 
-or, for explicit parametrization, ``pytest.mark.parametrize("device", DEVICE_PARAMS)``.
-CUDA cases are always collected and skipped cleanly (with a reason) when no GPU is present.
+or, for explicit parametrization, ``pytest.mark.parametrize("device", DEVICE_PARAMS)`` with
+``from _helpers import DEVICE_PARAMS``. CUDA cases are always collected and skipped cleanly
+(with a reason) when no GPU is present.
 """
 
 import pytest
 import torch
+from _helpers import DEVICE_PARAMS, DEVICES, DTYPE_PARAMS
 
 # The suite runs as `pytest -n 2` on 2 cores: one thread per worker avoids oversubscription
 # (small products ran ~100× slower with 2 threads per worker on a busy machine).
 torch.set_num_threads(1)
-
-#: "cpu", plus "cuda" when a GPU is present.
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-#: devices for ``pytest.mark.parametrize``: CUDA is always listed and skips without a GPU.
-DEVICE_PARAMS = [
-    pytest.param("cpu", id="cpu"),
-    pytest.param(
-        "cuda",
-        id="cuda",
-        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-    ),
-]
-
-#: the floating dtypes every operator supports.
-FLOAT_DTYPES = [torch.float32, torch.float64]
-DTYPE_PARAMS = [pytest.param(dt, id=str(dt).removeprefix("torch.")) for dt in FLOAT_DTYPES]
 
 
 @pytest.fixture(params=DEVICE_PARAMS)
@@ -55,3 +41,13 @@ def devices() -> list[str]:
 def _seed():
     """Every test starts from the same random state."""
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, restored after it (tiny matrices: more threads only
+    add contention on a shared machine). Use with ``pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,6 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from _helpers import F64, nonsymmetric, spectrum_matrix
 
 import solvers
 from linops import PSD, Dense, SelfAdjoint
@@ -24,22 +25,10 @@ from solvers import (
     jacobi,
 )
 
-F64 = torch.float64
-
-
-def spectrum_matrix(lam, seed=0):
-    """Q diag(lam) Qᵀ with a random orthogonal Q (float64, CPU)."""
-    g = torch.Generator().manual_seed(seed)
-    n = len(lam)
-    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=g))
-    return (Q * torch.as_tensor(lam, dtype=F64)) @ Q.T
-
-
 N = 20
 M_PSD = spectrum_matrix(torch.logspace(0, 1, N, dtype=F64))
 M_SYM = spectrum_matrix(torch.linspace(-3.0, 2.0, N, dtype=F64), seed=1)
-M_GEN = torch.randn(N, N, dtype=F64, generator=torch.Generator().manual_seed(2)) / N**0.5 + (
-    2.5 * torch.eye(N, dtype=F64))
+M_GEN = nonsymmetric(N, seed=2)
 
 OPERATORS = {
     "psd": lambda: PSD(Dense(M_PSD)),

@@ -3,7 +3,7 @@ ground truth from torch.func, for flat and dict inputs, one and k vectors, trans
 
 import pytest
 import torch
-from conftest import DEVICE_PARAMS
+from _helpers import DEVICE_PARAMS
 from torch.func import hessian, jacrev
 
 import linops

@@ -5,7 +5,7 @@ cache), one and k vectors, transposes, CPU and CUDA; and the errors on bad input
 
 import pytest
 import torch
-from conftest import DEVICE_PARAMS
+from _helpers import DEVICE_PARAMS
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 

@@ -6,7 +6,16 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE_PARAMS, DTYPE_PARAMS
+from _helpers import (
+    DEVICE_PARAMS,
+    DTYPE_PARAMS,
+    F64,
+    spd,
+    spectrum_matrix,
+    strict,
+    symmetric,
+    wanted_eigenvalues,
+)
 
 import solvers
 from linops import (
@@ -32,35 +41,10 @@ from solvers import (
     eigmin,
 )
 
-F64 = torch.float64
 #: eigenvalue error allowed, relative to max |λ|, per dtype
 VTOL = {torch.float32: 2e-5, torch.float64: 1e-9}
 #: eigen-residual ‖A v − λ v‖ allowed, relative to max |λ|
 RTOL = {torch.float32: 1e-3, torch.float64: 1e-6}
-
-
-def spectrum_matrix(lam, seed=0):
-    """Q diag(lam) Qᵀ with a random orthogonal Q (float64, CPU)."""
-    g = torch.Generator().manual_seed(seed)
-    n = len(lam)
-    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=g))
-    return (Q * torch.as_tensor(lam, dtype=F64)) @ Q.T
-
-
-def symmetric(n, seed=0):
-    g = torch.Generator().manual_seed(seed + 100)
-    return spectrum_matrix(3 * torch.randn(n, dtype=F64, generator=g), seed)
-
-
-def spd(n, cond=10.0, seed=0):
-    return spectrum_matrix(torch.logspace(0, np.log10(cond), n, dtype=F64), seed)
-
-
-def wanted(M, k, which):
-    """The k wanted eigenvalues of a dense symmetric float64 matrix, most wanted first."""
-    ev = np.linalg.eigvalsh(M.cpu().to(F64).numpy())
-    key = {"LA": -ev, "SA": ev, "LM": -np.abs(ev)}[which]
-    return torch.from_numpy(ev[np.argsort(key, kind="stable")][:k])
 
 
 def check_pairs(res, M, k, which, dtype):
@@ -68,7 +52,7 @@ def check_pairs(res, M, k, which, dtype):
     assert isinstance(res, EigResult) and vals.shape == (k,) and vecs.shape == (M.shape[0], k)
     scale = float(M.abs().max()) if M.numel() else 1.0
     scale = max(scale, float(np.abs(np.linalg.eigvalsh(M.cpu().to(F64).numpy())).max()))
-    ref = wanted(M, k, which)
+    ref = torch.from_numpy(wanted_eigenvalues(M, k, which))
     assert float((vals.cpu().to(F64) - ref).abs().max()) <= VTOL[dtype] * scale
     V = vecs.cpu().to(F64)
     assert torch.allclose(V.norm(dim=0), torch.ones(k, dtype=F64), atol=1e-4)
@@ -174,20 +158,6 @@ def test_non_self_adjoint_operator():
 
 
 # ------------------------------------------------------------------ structural rules
-def strict(op):
-    """A copy of ``op`` that fails if multiplied or densified as a whole: proves that a
-    structural rule worked on its parts."""
-
-    def fail(self, *args):
-        raise AssertionError(f"{type(op).__name__} was used as a whole, not by its structure")
-
-    cls = type("Strict" + type(op).__name__, (type(op),),
-               {"_matmat": fail, "_rmatmat": fail, "to_dense": fail})
-    out = object.__new__(cls)
-    out.__dict__.update(op.__dict__)
-    return out
-
-
 A8 = SelfAdjoint(Dense(symmetric(8)))
 B5 = PSD(Dense(spd(5, seed=1)))
 

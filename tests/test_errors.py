@@ -4,7 +4,7 @@ to do; nothing broadcasts silently into a wrong result."""
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE_PARAMS
+from _helpers import DEVICE_PARAMS, F64, random_dense
 
 from linops import (
     PSD,
@@ -23,16 +23,12 @@ from linops import (
     Triangular,
 )
 
-F32, F64 = torch.float32, torch.float64
-
-
-def _dense(m, n, dtype=F64, device="cpu"):
-    return Dense(torch.randn(m, n, dtype=dtype, device=device))
+F32 = torch.float32
 
 
 # ------------------------------------------------------------------ shapes
 def test_shape_mismatch_in_matvec_names_both_shapes():
-    A = _dense(3, 4)
+    A = random_dense(3, 4)
     with pytest.raises(ValueError, match=r"3×4 but x has 3 rows.*\(3,\).*needs 4 rows"):
         A @ torch.ones(3, dtype=F64)
     with pytest.raises(ValueError, match=r"3×4 but x has 5 rows.*\(5, 2\)"):
@@ -42,7 +38,7 @@ def test_shape_mismatch_in_matvec_names_both_shapes():
 
 
 def test_shape_mismatch_from_the_left():
-    A = _dense(3, 4)
+    A = random_dense(3, 4)
     with pytest.raises(ValueError, match=r"shape \(4,\).*3×4.*needs 3 columns"):
         torch.ones(4, dtype=F64) @ A
     with pytest.raises(ValueError, match=r"shape \(2, 4\).*needs 3 columns"):
@@ -52,7 +48,7 @@ def test_shape_mismatch_from_the_left():
 
 
 def test_shape_mismatch_between_operators_names_both_shapes():
-    A, B = _dense(3, 4), _dense(3, 5)
+    A, B = random_dense(3, 4), random_dense(3, 5)
     with pytest.raises(ValueError, match=r"3×4.*3×5.*inner dimensions 4 and 3"):
         A @ B
     with pytest.raises(ValueError, match=r"\(3, 4\) and \(3, 5\) differ"):
@@ -66,19 +62,19 @@ def test_shape_mismatch_between_operators_names_both_shapes():
 def test_combinators_built_directly_check_shapes():
     """Sum and Product are public: built by hand they check shapes like ``+`` and ``@``."""
     with pytest.raises(ValueError, match="shape"):
-        Sum(_dense(3, 3), _dense(4, 4))
+        Sum(random_dense(3, 3), random_dense(4, 4))
     with pytest.raises(ValueError, match="shape"):
-        Product(_dense(3, 4), _dense(3, 4))
+        Product(random_dense(3, 4), random_dense(3, 4))
     with pytest.raises(ValueError, match="shape|dimension"):
         Sum(Identity(3, F64), Identity(4, F64))
     with pytest.raises(ValueError, match="shape|dimension"):
-        Product(Identity(5, F64), _dense(3, 4))
+        Product(Identity(5, F64), random_dense(3, 4))
 
 
 def test_no_silent_broadcasting():
     """A (1, n) row where an (n, 1) column is expected, and the reverse, raise."""
     n = 4
-    A, D = _dense(n, n), Diagonal(torch.randn(n, dtype=F64))
+    A, D = random_dense(n, n), Diagonal(torch.randn(n, dtype=F64))
     row, col = torch.ones(1, n, dtype=F64), torch.ones(n, 1, dtype=F64)
     for op in (A, D, Identity(n, F64), A + D, A @ D, Kronecker(torch.eye(2, dtype=F64),
                                                               torch.eye(2, dtype=F64))):
@@ -99,7 +95,7 @@ def test_no_silent_broadcasting():
 @pytest.mark.parametrize("x", [torch.ones(4, 3, 2, dtype=F64), torch.tensor(1.0, dtype=F64)],
                          ids=["3d", "0d"])
 def test_wrong_number_of_dimensions(x):
-    A = _dense(4, 4)
+    A = random_dense(4, 4)
     with pytest.raises(ValueError, match=r"\(n,\) or matrices \(n, k\).*Reshape"):
         A @ x
     with pytest.raises(ValueError, match=r"\(n, k\)"):
@@ -108,7 +104,7 @@ def test_wrong_number_of_dimensions(x):
 
 # ------------------------------------------------------------------ dtypes and devices
 def test_dtype_mismatch_operator_and_operand():
-    A = _dense(3, 3, F32)
+    A = random_dense(3, 3, F32)
     with pytest.raises(ValueError, match=r"torch.float32 but x has torch.float64.*\.to\("):
         A @ torch.ones(3, dtype=F64)
     with pytest.raises(ValueError, match=r"float32.*float64"):
@@ -118,7 +114,7 @@ def test_dtype_mismatch_operator_and_operand():
 
 
 def test_dtype_mismatch_between_operators():
-    A, B = _dense(3, 3, F32), _dense(3, 3, F64)
+    A, B = random_dense(3, 3, F32), random_dense(3, 3, F64)
     for combine in (lambda: A + B, lambda: A @ B, lambda: B - A, lambda: Kronecker(A, B),
                     lambda: BlockDiag(A, B), lambda: A + Identity(3, F64)):
         with pytest.raises(ValueError, match=r"float32.*float64|float64.*float32"):
@@ -136,9 +132,9 @@ def test_device_mismatch_is_caught_without_a_gpu():
     with pytest.raises(ValueError, match=r"meta|cpu"):
         torch.ones(3) @ A
     with pytest.raises(ValueError, match=r"meta.*cpu|cpu.*meta"):
-        A + _dense(3, 3, F32)
+        A + random_dense(3, 3, F32)
     with pytest.raises(ValueError, match=r"meta.*cpu|cpu.*meta"):
-        Kronecker(A, _dense(2, 2, F32))
+        Kronecker(A, random_dense(2, 2, F32))
 
 
 def test_operators_on_one_non_cuda_device_combine():
@@ -152,24 +148,24 @@ def test_operators_on_one_non_cuda_device_combine():
 
 @pytest.mark.parametrize("device", DEVICE_PARAMS[1:])
 def test_device_mismatch_cuda(device):
-    A = _dense(3, 3, F32, device)
+    A = random_dense(3, 3, F32, device)
     with pytest.raises(ValueError, match=r"cuda.*cpu"):
         A @ torch.ones(3)
     with pytest.raises(ValueError, match=r"cuda.*cpu|cpu.*cuda"):
         torch.ones(3) @ A
     with pytest.raises(ValueError, match=r"cuda.*cpu|cpu.*cuda"):
-        A + _dense(3, 3, F32)
+        A + random_dense(3, 3, F32)
     with pytest.raises(ValueError, match=r"cuda.*cpu|cpu.*cuda"):
-        A @ _dense(3, 3, F32)
+        A @ random_dense(3, 3, F32)
     with pytest.raises(ValueError, match=r"cuda.*cpu|cpu.*cuda"):
-        BlockDiag(A, _dense(2, 2, F32))
+        BlockDiag(A, random_dense(2, 2, F32))
 
 
 # ------------------------------------------------------------------ operand types
 @pytest.mark.parametrize("x", [[1.0, 2.0, 3.0], np.ones(3), 3.0, "abc"],
                          ids=["list", "numpy", "float", "str"])
 def test_non_tensor_operand(x):
-    A = _dense(3, 3)
+    A = random_dense(3, 3)
     with pytest.raises(TypeError, match=r"torch.Tensor"):
         A @ x
     with pytest.raises(TypeError, match=r"torch.Tensor"):
@@ -180,7 +176,7 @@ def test_non_tensor_operand(x):
 
 
 def test_operator_times_operator_is_not_a_product():
-    A, B = _dense(3, 3), _dense(3, 3)
+    A, B = random_dense(3, 3), random_dense(3, 3)
     with pytest.raises(TypeError, match="A @ B"):
         A * B
     with pytest.raises(TypeError, match="inv"):
@@ -224,7 +220,7 @@ def test_identity_size_must_be_an_integer():
 
 @pytest.mark.parametrize("bad", [[[1.0, 2.0]], np.eye(2), "A", 3.0], ids=str)
 def test_kronecker_and_blockdiag_of_a_non_operator(bad):
-    A = _dense(2, 2)
+    A = random_dense(2, 2)
     with pytest.raises(TypeError, match="LinearOperator"):
         Kronecker(A, bad)
     with pytest.raises(TypeError, match="LinearOperator"):
@@ -234,7 +230,7 @@ def test_kronecker_and_blockdiag_of_a_non_operator(bad):
 def test_squareness_where_needed():
     K = Kronecker(torch.randn(2, 3, dtype=F64), torch.randn(2, 2, dtype=F64))  # 4×6
     Bd = BlockDiag(torch.randn(2, 3, dtype=F64), torch.randn(2, 2, dtype=F64))  # 4×5
-    for A in (K, Bd, _dense(3, 4)):
+    for A in (K, Bd, random_dense(3, 4)):
         for f in (PSD, SelfAdjoint, I_like):
             with pytest.raises(ValueError, match=r"square.*" + rf"\({A.shape[0]}, "):
                 f(A)
@@ -283,4 +279,4 @@ def test_constructor_argument_checks():
     with pytest.raises(ValueError, match="2-d"):
         LinearOperator(F32, (2, 2, 2))
     with pytest.raises(TypeError, match="dtype or a device"):
-        _dense(2, 2).to(3)
+        random_dense(2, 2).to(3)

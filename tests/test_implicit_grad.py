@@ -5,18 +5,11 @@ Checked against dense autograd through ``torch.linalg.solve`` in float64.
 
 import pytest
 import torch
-from conftest import DEVICE_PARAMS
+from _helpers import DEVICE_PARAMS, F64, randn
 
 import solvers
 from linops import PSD, Dense, Diagonal, Kronecker, LinearOperator, SelfAdjoint
 from solvers import CG, GMRES, MINRES, Auto, Cholesky, inv
-
-F64 = torch.float64
-
-
-def randn(*shape, seed=1, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, dtype=F64, generator=g).to(device)
 
 
 def spd_of(theta):

@@ -4,12 +4,14 @@ Every result is compared with a dense float64 solve (torch.linalg / numpy) on ra
 built with the needed property and a bounded condition number (Q diag(λ) Qᵀ).
 """
 
+import functools
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE_PARAMS, DTYPE_PARAMS
+from _helpers import DEVICE_PARAMS, DTYPE_PARAMS, F64, nonsymmetric, randn, spectrum_matrix
+from _helpers import spd as _spd
 
 import solvers
 from linops import (
@@ -46,7 +48,6 @@ from solvers import (
     solve,
 )
 
-F64 = torch.float64
 #: relative error allowed against the float64 reference, per dtype
 RTOL = {torch.float32: 2e-4, torch.float64: 1e-9}
 #: solver tolerance per dtype
@@ -54,31 +55,14 @@ STOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
 # ------------------------------------------------------------------ matrices
-def spectrum_matrix(lam, seed=0):
-    """Q diag(lam) Qᵀ with a random orthogonal Q (float64, CPU)."""
-    g = torch.Generator().manual_seed(seed)
-    n = len(lam)
-    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=g))
-    return (Q * torch.as_tensor(lam, dtype=F64)) @ Q.T
-
-
-def spd(n, cond=30.0, seed=0):
-    return spectrum_matrix(torch.logspace(0, np.log10(cond), n, dtype=F64), seed)
+#: symmetric positive definite, cond 30 unless a test asks for another
+spd = functools.partial(_spd, cond=30.0)
 
 
 def indefinite(n, cond=20.0, seed=0):
     lam = torch.logspace(0, np.log10(cond), n, dtype=F64)
     lam[::3] *= -1
     return spectrum_matrix(lam, seed)
-
-
-def nonsymmetric(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, n, dtype=F64, generator=g) / n**0.5 + 2.5 * torch.eye(n, dtype=F64)
-
-
-def randn(*shape, seed=1):
-    return torch.randn(*shape, dtype=F64, generator=torch.Generator().manual_seed(seed))
 
 
 def rel_err(x, ref):

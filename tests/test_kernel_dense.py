@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from _helpers import spectrum_matrix
 
 from solvers.dense_algs import (
     Cholesky,
@@ -17,16 +18,8 @@ from solvers.dense_algs import (
 )
 from solvers.result import NotConvergedWarning, Status
 
-
-def sym(lam, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    n = len(lam)
-    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g))
-    return (Q * torch.as_tensor(lam, dtype=torch.float64)) @ Q.T
-
-
-SPD = sym(np.logspace(0, 2, 12))
-INDEF = sym(np.concatenate([-np.logspace(0, 1, 5), np.logspace(0, 2, 7)]))
+SPD = spectrum_matrix(np.logspace(0, 2, 12))
+INDEF = spectrum_matrix(np.concatenate([-np.logspace(0, 1, 5), np.logspace(0, 2, 7)]))
 
 
 @pytest.mark.parametrize("alg", [Cholesky(), Dense(), Eigh()], ids=["chol", "lu", "eigh"])

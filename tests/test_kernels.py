@@ -5,11 +5,14 @@ matrices built with the needed property and a bounded condition number (Q diag(�
 """
 
 import dataclasses
+import functools
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from _helpers import matmat_of, nonsymmetric, randn, spectrum_matrix
+from _helpers import spd as _spd
 
 from solvers.cg import CG, cg
 from solvers.dense_algs import Cholesky, Dense, Eigh
@@ -26,14 +29,7 @@ from solvers.result import (
     report,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: intra-op threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -41,16 +37,8 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 SLACK = {torch.float64: 10.0, torch.float32: 30.0}
 
 
-def spectrum_matrix(lam, seed=0):
-    """Q diag(lam) Qᵀ with a random orthogonal Q (float64)."""
-    g = torch.Generator().manual_seed(seed)
-    n = lam.shape[0]
-    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g))
-    return (Q * lam.double()) @ Q.T
-
-
-def spd(n, cond=100.0, seed=0):
-    return spectrum_matrix(torch.logspace(0, np.log10(cond), n, dtype=torch.float64), seed)
+#: symmetric positive definite, cond 100 unless a test asks for another
+spd = functools.partial(_spd, cond=100.0)
 
 
 def indefinite(n, cond=50.0, seed=0):
@@ -61,26 +49,9 @@ def indefinite(n, cond=50.0, seed=0):
     return spectrum_matrix(lam * signs, seed)
 
 
-def nonsymmetric(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, n, dtype=torch.float64, generator=g) / n**0.5 + 2.5 * torch.eye(
-        n, dtype=torch.float64
-    )
-
-
-def rhs(n, k, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, k, dtype=torch.float64, generator=g)
-
-
 def rel_residual(A, X, B):
     A, X, B = A.double().cpu(), X.double().cpu(), B.double().cpu()
     return (torch.linalg.vector_norm(B - A @ X, dim=0) / torch.linalg.vector_norm(B, dim=0)).max()
-
-
-def as_op(A, dtype, device):
-    M = A.to(dtype=dtype, device=device)
-    return lambda X: M @ X
 
 
 KERNELS = [(cg, CG, spd), (minres, MINRES, indefinite), (gmres, GMRES, nonsymmetric)]
@@ -149,11 +120,11 @@ def test_configs_are_frozen_and_comparable():
 def test_kernel_rejects_wrong_config_and_shapes():
     A = spd(5)
     with pytest.raises(TypeError, match="CG configuration"):
-        cg(as_op(A, torch.float64, "cpu"), rhs(5, 1), MINRES())
+        cg(matmat_of(A, torch.float64, "cpu"), randn(5, 1), MINRES())
     with pytest.raises(ValueError, match="x0 has shape"):
-        cg(as_op(A, torch.float64, "cpu"), rhs(5, 2), CG(), x0=torch.zeros(5, 3))
+        cg(matmat_of(A, torch.float64, "cpu"), randn(5, 2), CG(), x0=torch.zeros(5, 3))
     with pytest.raises(ValueError, match=r"mapped \(5, 1\) to \(4, 1\)"):
-        cg(lambda X: X[:4], rhs(5, 1), CG())
+        cg(lambda X: X[:4], randn(5, 1), CG())
     with pytest.raises(TypeError, match="real floating dtype"):
         minres(lambda X: X, torch.ones(5, dtype=torch.int64))
     with pytest.raises(ValueError, match="shape"):
@@ -189,9 +160,9 @@ def test_report_modes():
 @pytest.mark.parametrize("kernel, cls, make", KERNELS, ids=KERNEL_IDS)
 def test_solvers_match_dense_solve(kernel, cls, make, dtype, device):
     n, k = 40, 3
-    A, B = make(n), rhs(n, k)
+    A, B = make(n), randn(n, k)
     tol = TOL[dtype]
-    sol = kernel(as_op(A, dtype, device), B.to(dtype=dtype, device=device), cls(tol=tol))
+    sol = kernel(matmat_of(A, dtype, device), B.to(dtype=dtype, device=device), cls(tol=tol))
     assert sol.status is Status.CONVERGED, sol.message
     assert sol.value.shape == (n, k) and sol.value.dtype == dtype
     assert sol.value.device.type == torch.device(device).type
@@ -213,8 +184,8 @@ def test_solvers_match_dense_solve(kernel, cls, make, dtype, device):
 
 @pytest.mark.parametrize("kernel, cls, make", KERNELS, ids=KERNEL_IDS)
 def test_vector_rhs_gives_vector(kernel, cls, make):
-    A, b = make(12), rhs(12, 1)[:, 0]
-    sol = kernel(as_op(A, torch.float64, "cpu"), b, cls(tol=1e-12))
+    A, b = make(12), randn(12, 1)[:, 0]
+    sol = kernel(matmat_of(A, torch.float64, "cpu"), b, cls(tol=1e-12))
     assert sol.value.shape == (12,)
     assert torch.allclose(sol.value, torch.linalg.solve(A, b), atol=1e-9)
 
@@ -222,9 +193,9 @@ def test_vector_rhs_gives_vector(kernel, cls, make):
 @pytest.mark.parametrize("kernel, cls, make", KERNELS, ids=KERNEL_IDS)
 def test_sparse_host_checks_give_the_same_answer(kernel, cls, make):
     """check_every > 1 (the GPU pattern) freezes converged columns by masking only."""
-    A, B = make(30), rhs(30, 3)
+    A, B = make(30), randn(30, 3)
     B[:, 1] *= 1e-3
-    op = as_op(A, torch.float64, "cpu")
+    op = matmat_of(A, torch.float64, "cpu")
     every1 = kernel(op, B, cls(tol=1e-9, check_every=1))
     every7 = kernel(op, B, cls(tol=1e-9, check_every=7))
     assert every1.status is every7.status is Status.CONVERGED
@@ -240,13 +211,13 @@ def test_columns_converge_independently(kernel, cls, make):
     """An eigenvector right-hand side converges in one step while the others go on."""
     A = make(30)
     lam, Q = torch.linalg.eig(A) if make is nonsymmetric else torch.linalg.eigh(A)
-    B = rhs(30, 3)
+    B = randn(30, 3)
     if make is nonsymmetric:  # a real eigenvector of the non-symmetric matrix
         j = int(torch.nonzero(lam.imag.abs() < 1e-12)[0])
         B[:, 1] = Q[:, j].real
     else:
         B[:, 1] = Q[:, 7]
-    sol = kernel(as_op(A, torch.float64, "cpu"), B, cls(tol=1e-10))
+    sol = kernel(matmat_of(A, torch.float64, "cpu"), B, cls(tol=1e-10))
     assert sol.status is Status.CONVERGED
     assert sol.info["column_iterations"][1] == 1
     assert max(sol.info["column_iterations"]) > 5
@@ -256,8 +227,8 @@ def test_columns_converge_independently(kernel, cls, make):
 # ------------------------------------------------------------------ edge cases
 @pytest.mark.parametrize("kernel, cls, make", KERNELS, ids=KERNEL_IDS)
 def test_max_iters_one(kernel, cls, make):
-    A, B = make(20), rhs(20, 2)
-    op = as_op(A, torch.float64, "cpu")
+    A, B = make(20), randn(20, 2)
+    op = matmat_of(A, torch.float64, "cpu")
     with pytest.warns(NotConvergedWarning, match="did not converge in 1 iteration"):
         sol = kernel(op, B, cls(max_iters=1))
     assert sol.status is Status.MAX_ITERS and sol.iterations == 1
@@ -287,7 +258,7 @@ def test_zero_rhs(kernel, cls, make, dtype):
     assert sol.status is Status.CONVERGED and sol.iterations == 0 and not calls
     assert torch.equal(sol.value, torch.zeros(15, 2, dtype=dtype))
     # a zero column beside a nonzero one stays exactly zero
-    B = rhs(15, 2).to(dtype)
+    B = randn(15, 2).to(dtype)
     B[:, 0] = 0
     sol = kernel(op, B, cls(tol=TOL[dtype]))
     assert sol.status is Status.CONVERGED
@@ -297,8 +268,8 @@ def test_zero_rhs(kernel, cls, make, dtype):
 
 @pytest.mark.parametrize("kernel, cls, make", KERNELS, ids=KERNEL_IDS)
 def test_x0_not_modified_and_warm_start(kernel, cls, make):
-    A, B = make(25), rhs(25, 2)
-    op = as_op(A, torch.float64, "cpu")
+    A, B = make(25), randn(25, 2)
+    op = matmat_of(A, torch.float64, "cpu")
     x0 = torch.randn(25, 2, dtype=torch.float64)
     saved = x0.clone()
     sol = kernel(op, B, cls(tol=1e-10), x0=x0)
@@ -321,8 +292,8 @@ def test_x0_not_modified_and_warm_start(kernel, cls, make):
 
 @pytest.mark.parametrize("kernel, cls, make", KERNELS, ids=KERNEL_IDS)
 def test_nonfinite_is_reported(kernel, cls, make):
-    A, B = make(10), rhs(10, 2)
-    op = as_op(A, torch.float64, "cpu")
+    A, B = make(10), randn(10, 2)
+    op = matmat_of(A, torch.float64, "cpu")
     Bnan = B.clone()
     Bnan[3, 1] = float("nan")
     with pytest.warns(NotConvergedWarning, match="NaN or infinity"):
@@ -330,7 +301,7 @@ def test_nonfinite_is_reported(kernel, cls, make):
     assert sol.status is Status.NONFINITE
     Anan = A.clone()
     Anan[2, 5] = float("inf")
-    sol = kernel(as_op(Anan, torch.float64, "cpu"), B, cls(), on_failure="ignore")
+    sol = kernel(matmat_of(Anan, torch.float64, "cpu"), B, cls(), on_failure="ignore")
     assert sol.status is Status.NONFINITE
     x0 = torch.zeros(10, 2, dtype=torch.float64)
     x0[0, 0] = float("nan")
@@ -342,28 +313,28 @@ def test_nonfinite_is_reported(kernel, cls, make):
 def test_cg_indefinite_reports_negative_curvature(dtype):
     A = indefinite(20)
     with pytest.warns(NotConvergedWarning, match="MINRES"):
-        sol = cg(as_op(A, dtype, "cpu"), rhs(20, 2).to(dtype), CG(tol=1e-8))
+        sol = cg(matmat_of(A, dtype, "cpu"), randn(20, 2).to(dtype), CG(tol=1e-8))
     assert sol.status is Status.NEGATIVE_CURVATURE
     assert torch.isfinite(sol.value).all()
     assert sol.info["negative_curvature_columns"]
     with pytest.raises(NotConvergedError, match="not positive definite"):
-        cg(as_op(A, dtype, "cpu"), rhs(20, 1).to(dtype), CG(on_failure="raise"))
+        cg(matmat_of(A, dtype, "cpu"), randn(20, 1).to(dtype), CG(on_failure="raise"))
 
 
 def test_cg_negative_definite_stops_at_first_step():
     A = -spd(10)
-    b = rhs(10, 1)
-    sol = cg(as_op(A, torch.float64, "cpu"), b, CG(on_failure="ignore"))
+    b = randn(10, 1)
+    sol = cg(matmat_of(A, torch.float64, "cpu"), b, CG(on_failure="ignore"))
     assert sol.status is Status.NEGATIVE_CURVATURE
     assert sol.iterations == 1 and torch.equal(sol.value, torch.zeros_like(b))
 
 
 def test_cg_singular_inconsistent_is_not_silent():
     A = torch.diag(torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64))
-    sol = cg(as_op(A, torch.float64, "cpu"), torch.ones(3, dtype=torch.float64), CG(),
+    sol = cg(matmat_of(A, torch.float64, "cpu"), torch.ones(3, dtype=torch.float64), CG(),
              on_failure="ignore")  # fmt: skip
     assert sol.status is Status.NEGATIVE_CURVATURE
-    consistent = cg(as_op(A, torch.float64, "cpu"), torch.tensor([1.0, 1.0, 0.0]).double())
+    consistent = cg(matmat_of(A, torch.float64, "cpu"), torch.tensor([1.0, 1.0, 0.0]).double())
     assert consistent.converged
     assert torch.allclose(consistent.value, torch.tensor([1.0, 0.5, 0.0]).double())
 
@@ -380,9 +351,9 @@ def badly_scaled_spd(n=60, seed=0):
 @pytest.mark.parametrize("kernel, cls", [(cg, CG), (minres, MINRES), (gmres, GMRES)])
 def test_jacobi_preconditioner_reduces_iterations(kernel, cls, dtype):
     A = badly_scaled_spd()
-    B = rhs(60, 2)
+    B = randn(60, 2)
     tol = 1e-8 if dtype == torch.float64 else 1e-4
-    op = as_op(A, dtype, "cpu")
+    op = matmat_of(A, dtype, "cpu")
     inv_diag = (1 / A.diagonal()).to(dtype)
     plain = kernel(op, B.to(dtype), cls(tol=tol, max_iters=400), on_failure="ignore")
     jac = kernel(op, B.to(dtype), cls(tol=tol, preconditioner=lambda X: inv_diag[:, None] * X))
@@ -397,8 +368,8 @@ def test_jacobi_preconditioner_reduces_iterations(kernel, cls, dtype):
 
 @pytest.mark.parametrize("kernel, cls", [(cg, CG), (minres, MINRES)])
 def test_preconditioner_not_positive_definite_is_breakdown(kernel, cls):
-    A, B = spd(10), rhs(10, 1)
-    sol = kernel(as_op(A, torch.float64, "cpu"), B, cls(preconditioner=lambda X: -X),
+    A, B = spd(10), randn(10, 1)
+    sol = kernel(matmat_of(A, torch.float64, "cpu"), B, cls(preconditioner=lambda X: -X),
                  on_failure="ignore")  # fmt: skip
     assert sol.status is Status.BREAKDOWN
     assert "preconditioner" in sol.message and "positive definite" in sol.message
@@ -407,13 +378,13 @@ def test_preconditioner_not_positive_definite_is_breakdown(kernel, cls):
 # ------------------------------------------------------------------ MINRES / GMRES specifics
 def test_minres_indefinite_with_spd_preconditioner(dtype):
     A = indefinite(40, cond=200.0)
-    B = rhs(40, 2)
+    B = randn(40, 2)
     lam, Q = torch.linalg.eigh(A)
     M = (Q / lam.abs()) @ Q.T  # |A|⁻¹: SPD, and exact up to signs
     tol = TOL[dtype]
-    plain = minres(as_op(A, dtype, "cpu"), B.to(dtype), MINRES(tol=tol))
-    pre = minres(as_op(A, dtype, "cpu"), B.to(dtype), MINRES(tol=tol),
-                 preconditioner=as_op(M, dtype, "cpu"))  # fmt: skip
+    plain = minres(matmat_of(A, dtype, "cpu"), B.to(dtype), MINRES(tol=tol))
+    pre = minres(matmat_of(A, dtype, "cpu"), B.to(dtype), MINRES(tol=tol),
+                 preconditioner=matmat_of(M, dtype, "cpu"))  # fmt: skip
     X = torch.from_numpy(np.linalg.solve(A.numpy(), B.numpy()))
     for sol in (plain, pre):
         assert sol.status is Status.CONVERGED
@@ -424,7 +395,7 @@ def test_minres_indefinite_with_spd_preconditioner(dtype):
 
 def test_minres_singular_inconsistent_is_breakdown():
     A = torch.diag(torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64))
-    sol = minres(as_op(A, torch.float64, "cpu"), torch.ones(3, dtype=torch.float64),
+    sol = minres(matmat_of(A, torch.float64, "cpu"), torch.ones(3, dtype=torch.float64),
                  on_failure="ignore")  # fmt: skip
     assert sol.status is Status.BREAKDOWN and "range" in sol.message
     # the least-squares solution over the Krylov space
@@ -435,15 +406,16 @@ def test_minres_singular_inconsistent_is_breakdown():
     b = torch.randn(12, dtype=torch.float64, generator=g)
     A = U @ U.T
     for dtype in (torch.float64, torch.float32):
-        sol = minres(as_op(A, dtype, "cpu"), b.to(dtype), MINRES(tol=1e-10), on_failure="ignore")
+        sol = minres(matmat_of(A, dtype, "cpu"), b.to(dtype), MINRES(tol=1e-10),
+                     on_failure="ignore")  # fmt: skip
         assert sol.status is Status.BREAKDOWN and sol.iterations <= 8
         best = torch.linalg.norm(b - A @ torch.linalg.pinv(A) @ b) / torch.linalg.norm(b)
         assert abs(rel_residual(A, sol.value[:, None], b[:, None]) - best) < 1e-4
 
 
 def test_gmres_restart_and_honest_final_residual():
-    A, B = nonsymmetric(50, seed=3), rhs(50, 2)
-    op = as_op(A, torch.float64, "cpu")
+    A, B = nonsymmetric(50, seed=3), randn(50, 2)
+    op = matmat_of(A, torch.float64, "cpu")
     short = gmres(op, B, GMRES(tol=1e-10, restart=4))
     full = gmres(op, B, GMRES(tol=1e-10, restart=50))
     assert short.converged and full.converged
@@ -456,7 +428,7 @@ def test_gmres_restart_and_honest_final_residual():
 
 def test_gmres_singular_is_breakdown():
     A = torch.diag(torch.tensor([1.0, 0.0], dtype=torch.float64))
-    sol = gmres(as_op(A, torch.float64, "cpu"), torch.ones(2, dtype=torch.float64),
+    sol = gmres(matmat_of(A, torch.float64, "cpu"), torch.ones(2, dtype=torch.float64),
                 on_failure="ignore")  # fmt: skip
     assert sol.status is Status.BREAKDOWN and "singular" in sol.message
 
@@ -465,7 +437,7 @@ def test_gmres_on_a_rotation():
     """A rotation by 90°: CG and MINRES do not apply; GMRES needs the full space."""
     A = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)
     b = torch.tensor([1.0, 2.0], dtype=torch.float64)
-    sol = gmres(as_op(A, torch.float64, "cpu"), b, GMRES(tol=1e-12))
+    sol = gmres(matmat_of(A, torch.float64, "cpu"), b, GMRES(tol=1e-12))
     assert sol.converged and sol.iterations == 2
     assert torch.allclose(sol.value, torch.tensor([2.0, -1.0], dtype=torch.float64))
 
@@ -473,8 +445,8 @@ def test_gmres_on_a_rotation():
 @pytest.mark.parametrize("kernel, cls, make", KERNELS, ids=KERNEL_IDS)
 def test_convergence_is_judged_on_the_true_residual(kernel, cls, make):
     """float32 with a tol it cannot reach: never CONVERGED, and the record says why."""
-    A, B = make(40), rhs(40, 2)
-    op = as_op(A, torch.float32, "cpu")
+    A, B = make(40), randn(40, 2)
+    op = matmat_of(A, torch.float32, "cpu")
     sol = kernel(op, B.float(), cls(tol=1e-9), on_failure="ignore")
     assert sol.status in (Status.BREAKDOWN, Status.MAX_ITERS)
     true = rel_residual(A, sol.value, B)
@@ -493,6 +465,6 @@ def test_gmres_stagnation_is_reported():
     """GMRES(1) on a 90° rotation makes no progress at all: said at once, not after 10n."""
     A = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)
     b = torch.tensor([1.0, 0.0], dtype=torch.float64)
-    sol = gmres(as_op(A, torch.float64, "cpu"), b, GMRES(restart=1), on_failure="ignore")
+    sol = gmres(matmat_of(A, torch.float64, "cpu"), b, GMRES(restart=1), on_failure="ignore")
     assert sol.status is Status.BREAKDOWN and "stagnated" in sol.message
     assert "restart" in sol.message and sol.iterations == 1

@@ -8,14 +8,13 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from _helpers import DEVICE_PARAMS, FLOAT_DTYPES, random_dense
 from conformance import CASES, PSD_TAG, SA_TAG, assert_close, walk
-from conftest import DEVICE_PARAMS, FLOAT_DTYPES
 
 import linops
 from linops import (
     PSD,
     BlockDiag,
-    Dense,
     Diagonal,
     Identity,
     Kronecker,
@@ -262,12 +261,8 @@ def test_case_ids_unique_and_dtypes_listed():
 
 
 # ------------------------------------------------------------------ simplification
-def _dense(n=4, m=None):
-    return Dense(torch.randn(n, m or n, dtype=torch.float64))
-
-
 def test_sums_flatten():
-    A, B, C, D = (_dense() for _ in range(4))
+    A, B, C, D = (random_dense() for _ in range(4))
     S = (A + B) + (C + D)
     assert type(S) is Sum and S.terms == (A, B, C, D)
     S2 = A + (B + (C + D))
@@ -276,7 +271,7 @@ def test_sums_flatten():
 
 
 def test_products_flatten():
-    A, B, C, D = (_dense() for _ in range(4))
+    A, B, C, D = (random_dense() for _ in range(4))
     P = (A @ B) @ (C @ D)
     assert type(P) is Product and P.factors == (A, B, C, D)
     assert (A @ (B @ (C @ D))).factors == (A, B, C, D)
@@ -284,18 +279,18 @@ def test_products_flatten():
 
 
 def test_identity_drops_out_of_products():
-    A = _dense()
+    A = random_dense()
     I = Identity(4, torch.float64)
     assert (I @ A) is A and (A @ I) is A
     P = A @ I @ A
     assert type(P) is Product and P.factors == (A, A)
     assert (I @ I) is not None and type(I @ I) is Identity
-    R = _dense(3, 4)
+    R = random_dense(3, 4)
     assert (Identity(3, torch.float64) @ R @ I) is R
 
 
 def test_scalars_merge():
-    A = _dense()
+    A = random_dense()
     S = 2 * (3 * A)
     assert type(S) is ScalarMul and S.c == 6 and S.op is A
     negA = -A
@@ -312,7 +307,7 @@ def test_scalars_merge():
 def test_tensor_scalars_stay_in_the_graph():
     """A tensor scalar equal to 1 is still a tensor: simplification must not drop it
     (its gradient, and no host synchronization to compare it with 1)."""
-    A = _dense()
+    A = random_dense()
     x = torch.randn(4, dtype=torch.float64)
     for build in (lambda c: (c * A) @ Identity(4, torch.float64),
                   lambda c: Identity(4, torch.float64) @ (A * c),
@@ -330,7 +325,7 @@ def test_multiples_of_identity_merge():
     I = Identity(4, torch.float64)
     S = 2 * I + 3 * I
     assert type(S) is ScalarMul and S.c == 5 and type(S.op) is Identity
-    A = _dense()
+    A = random_dense()
     S2 = A + 0.5 * I + I
     assert type(S2) is Sum and len(S2.terms) == 2
     merged = [t for t in S2.terms if t is not A]
@@ -342,7 +337,7 @@ def test_multiples_of_identity_merge():
 
 
 def test_transpose_pushes_down_sums():
-    A, B = _dense(3, 4), _dense(3, 4)
+    A, B = random_dense(3, 4), random_dense(3, 4)
     S = (A + B).T
     assert type(S) is Sum and len(S.terms) == 2
     assert all(type(t) is Transpose for t in S.terms)
@@ -351,7 +346,7 @@ def test_transpose_pushes_down_sums():
 
 
 def test_transpose_of_product_reverses():
-    A, B = _dense(3, 4), _dense(4, 5)
+    A, B = random_dense(3, 4), random_dense(4, 5)
     P = (A @ B).T
     Q = B.T @ A.T
     assert type(P) is Product and type(Q) is Product
@@ -363,29 +358,29 @@ def test_transpose_of_product_reverses():
 
 
 def test_transpose_of_scalar_and_structure():
-    A = _dense(3, 4)
+    A = random_dense(3, 4)
     S = (2 * A).T
     assert type(S) is ScalarMul and S.c == 2 and type(S.op) is Transpose and S.op.op is A
-    K_ = Kronecker(_dense(2, 3), _dense(3, 2))
+    K_ = Kronecker(random_dense(2, 3), random_dense(3, 2))
     assert type(K_.T) is Kronecker
     assert all(type(f) is Transpose for f in K_.T.factors)
-    Bd = BlockDiag(_dense(2, 3), _dense(1, 1))
+    Bd = BlockDiag(random_dense(2, 3), random_dense(1, 1))
     assert type(Bd.T) is BlockDiag and Bd.T.shape == (4, 3)
 
 
 def test_double_transpose_is_the_operator():
-    A = _dense(3, 4)
+    A = random_dense(3, 4)
     assert A.T.T is A
     assert A.H.H is A
     assert Transpose(Transpose(A)) is A
-    S = A + _dense(3, 4)
+    S = A + random_dense(3, 4)
     assert S.T.T.terms == S.terms
 
 
 def test_self_adjoint_transpose_is_itself():
     D = Diagonal(torch.randn(4, dtype=torch.float64))
     assert D.T is D
-    G = PSD(_dense())
+    G = PSD(random_dense())
     assert G.T is G and G.H is G
     I = Identity(3)
     assert I.T is I

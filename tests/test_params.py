@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import DEVICE_PARAMS
+from _helpers import DEVICE_PARAMS
 
 from linops.params import ParamSpace
 

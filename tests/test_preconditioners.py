@@ -7,26 +7,13 @@ also checked against a dense float64 solve.
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE_PARAMS, DTYPE_PARAMS
+from _helpers import DEVICE_PARAMS, DTYPE_PARAMS, F64, randn, spectrum_matrix
 
 from linops import PSD, Dense, Diagonal, LinearOperator, SelfAdjoint, is_psd
 from solvers import CG, MINRES, Auto, Hutchinson, Status, inv, jacobi, nystrom, pivoted_cholesky
 
-F64 = torch.float64
 N = 60
 TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
-
-
-def spectrum_matrix(lam, seed=0):
-    """Q diag(lam) Qᵀ with a random orthogonal Q (float64, CPU)."""
-    g = torch.Generator().manual_seed(seed)
-    n = len(lam)
-    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=g))
-    return (Q * torch.as_tensor(lam, dtype=F64)) @ Q.T
-
-
-def randn(*shape, seed=1):
-    return torch.randn(*shape, dtype=F64, generator=torch.Generator().manual_seed(seed))
 
 
 def badly_scaled():

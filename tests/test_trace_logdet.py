@@ -1,10 +1,9 @@
 """``trace``, ``diag`` (exact, Hutchinson, Hutch++), ``logdet`` and ``slogdet`` (exact rules,
 dense, SLQ), against dense float64 results."""
 
-import numpy as np
 import pytest
 import torch
-from conftest import DEVICE_PARAMS, DTYPE_PARAMS
+from _helpers import DEVICE_PARAMS, DTYPE_PARAMS, F64, randn, spd, spectrum_matrix, strict
 
 import solvers
 from linops import (
@@ -23,24 +22,6 @@ from linops import (
 )
 from solvers import SLQ, Auto, Hutchinson, HutchPP, diag, logdet, slogdet, trace
 
-F64 = torch.float64
-
-
-def spectrum_matrix(lam, seed=0):
-    """Q diag(lam) Qᵀ with a random orthogonal Q (float64, CPU)."""
-    g = torch.Generator().manual_seed(seed)
-    n = len(lam)
-    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=g))
-    return (Q * torch.as_tensor(lam, dtype=F64)) @ Q.T
-
-
-def spd(n, cond=10.0, seed=0):
-    return spectrum_matrix(torch.logspace(0, np.log10(cond), n, dtype=F64), seed)
-
-
-def randn(*shape, seed=1):
-    return torch.randn(*shape, dtype=F64, generator=torch.Generator().manual_seed(seed))
-
 
 class Opaque(LinearOperator):
     """A matrix seen only through products (no cheap diagonal); counts product columns."""
@@ -57,19 +38,6 @@ class Opaque(LinearOperator):
     def _rmatmat(self, Y):
         self.columns += Y.shape[1]
         return self.M.mH @ Y
-
-
-def strict(op):
-    """A copy of ``op`` that fails if multiplied or densified as a whole."""
-
-    def fail(self, *args):
-        raise AssertionError(f"{type(op).__name__} was used as a whole, not by its structure")
-
-    cls = type("Strict" + type(op).__name__, (type(op),),
-               {"_matmat": fail, "_rmatmat": fail, "to_dense": fail})
-    out = object.__new__(cls)
-    out.__dict__.update(op.__dict__)
-    return out
 
 
 # ------------------------------------------------------------------ exact trace and diagonal

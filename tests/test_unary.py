@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.linalg as sla
 import torch
-from conftest import DEVICE_PARAMS, DTYPE_PARAMS
+from _helpers import DEVICE_PARAMS, DTYPE_PARAMS, F64, randn, spd, spectrum_matrix
 
 import solvers
 from linops import (
@@ -36,24 +36,6 @@ from solvers import (
     pow,
     sqrt,
 )
-
-F64 = torch.float64
-
-
-def spectrum_matrix(lam, seed=0):
-    """Q diag(lam) Qᵀ with a random orthogonal Q (float64, CPU)."""
-    g = torch.Generator().manual_seed(seed)
-    n = len(lam)
-    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=g))
-    return (Q * torch.as_tensor(lam, dtype=F64)) @ Q.T
-
-
-def spd(n, cond=10.0, seed=0):
-    return spectrum_matrix(torch.logspace(0, np.log10(cond), n, dtype=F64), seed)
-
-
-def randn(*shape, seed=1):
-    return torch.randn(*shape, dtype=F64, generator=torch.Generator().manual_seed(seed))
 
 
 def rel_err(x, ref):
