@@ -133,3 +133,24 @@ def torch_cg(matvec: Callable, b, tol: float = 1e-3, max_iters: int = 20):
         p.mul_(rr_new / rr).add_(r)
         rr = rr_new
     return x, iterations, float(rr.sqrt()) / b_norm
+
+
+def peer_args(doc: str, **extra):
+    """Parse the options every peer script takes (``--reps``, ``--warmup``, ``--threads``,
+    ``--k``) plus ``extra`` ones given as ``name=(type, default, help)``, and set torch's
+    thread count."""
+    import argparse
+
+    import torch
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--k", type=int, default=10)
+    for name, (typ, default, help_) in extra.items():
+        parser.add_argument(f"--{name}", type=typ, default=default, help=help_)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
+

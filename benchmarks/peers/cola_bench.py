@@ -14,22 +14,23 @@ Prints one JSON line (see ``benchmarks/README.md`` for the keys). Usage::
     benchmarks/.envs/cola/bin/python benchmarks/peers/cola_bench.py [--reps 7] [--threads 2]
 """
 
-import argparse
 import importlib.metadata
 
 import torch
-from _harness import emit, error_text, load_problems, medians, time_round_robin, timed_once
+from _harness import (
+    emit,
+    error_text,
+    load_problems,
+    medians,
+    peer_args,
+    time_round_robin,
+    timed_once,
+)
 from torch.func import functional_call
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--k", type=int, default=10)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = peer_args(__doc__)
 
     import cola  # late: the import itself is slow and is not what we time
 

@@ -17,7 +17,6 @@ Prints one JSON line. Usage::
     benchmarks/.envs/peers/bin/python benchmarks/peers/curvlinops_bench.py [--reps 7]
 """
 
-import argparse
 import importlib.metadata
 
 import torch
@@ -26,6 +25,7 @@ from _harness import (
     error_text,
     load_problems,
     medians,
+    peer_args,
     time_round_robin,
     timed_once,
     torch_cg,
@@ -33,13 +33,7 @@ from _harness import (
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--k", type=int, default=10)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = peer_args(__doc__)
 
     from backpack.hessianfree.ggnvp import ggn_vector_product_from_plist
     from curvlinops import GGNLinearOperator, HessianLinearOperator

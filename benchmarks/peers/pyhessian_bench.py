@@ -14,22 +14,23 @@ Prints one JSON line. Usage::
     benchmarks/.envs/peers/bin/python benchmarks/peers/pyhessian_bench.py [--reps 7]
 """
 
-import argparse
 import importlib.metadata
 
 import torch
-from _harness import emit, error_text, load_problems, medians, time_round_robin, timed_once
+from _harness import (
+    emit,
+    error_text,
+    load_problems,
+    medians,
+    peer_args,
+    time_round_robin,
+    timed_once,
+)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--tol", type=float, default=1e-3,
-                        help="tolerance of PyHessian's eigenvalue and trace loops")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = peer_args(__doc__, tol=(float, 1e-3, "tolerance of PyHessian's eigenvalue and "
+                                               "trace loops"))
 
     from pyhessian import hessian
     from pyhessian.utils import hessian_vector_product
