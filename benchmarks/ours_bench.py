@@ -126,6 +126,15 @@ def measure_ours(reps: int, warmup: int, k: int, threads: int) -> dict:
         return _flat(torch.autograd.grad(loss_fn(model(X), y), params))
 
     def gn_step(alg):
+        # As an optimizer does it: the operator's own forward pass gives the loss and the
+        # gradient (G.gradient, one Jᵀr), so no separate forward and loss.backward().
+        G = build_ggn()
+        g = G.gradient
+        Ainv = solvers.inv(G + setup.gn_damping * linops.I_like(G), alg=alg)
+        return Ainv @ g, Ainv
+
+    def gn_step_backward(alg):
+        # The same step with its gradient from a separate forward and backward pass.
         g = flat_gradient()
         G = build_ggn()
         Ainv = solvers.inv(G + setup.gn_damping * linops.I_like(G), alg=alg)
@@ -139,6 +148,14 @@ def measure_ours(reps: int, warmup: int, k: int, threads: int) -> dict:
                             on_failure="ignore")
         G = _add_linops_contenders(contenders, record, build_ggn, build_hessian, gn_step,
                                    cg, auto, v, V)
+        if G is not None:
+            Ga = GGN(model, nn.CrossEntropyLoss(), (X, y), fast_path=False)
+            Ha = Hessian(model, nn.CrossEntropyLoss(), (X, y), fast_path=False)
+            contenders.update({
+                "gn_step_backward": lambda: gn_step_backward(cg),
+                "ggn_mv_autograd": lambda: Ga @ v,
+                "hessian_mv_autograd": lambda: Ha @ v,
+            })
     contenders["torchfunc_gn_step"] = lambda: _torch_func_gn_step(
         model, loss_fn, X, y, setup.gn_damping, setup.cg_tol, setup.cg_max_iters)
 

@@ -103,11 +103,12 @@ def ratios(record: dict, cola: dict | None) -> dict:
             if grad and _num(record, key) is not None:
                 out[key + "/grad"] = record[key] / grad
     if record.get("peer") == "linops":
-        for key in ("gn_step_auto", "torchfunc_gn_step", "hessian_build"):
+        for key in ("gn_step_auto", "gn_step_backward", "torchfunc_gn_step", "hessian_build",
+                    "ggn_mv_autograd", "hessian_mv_autograd"):
             if grad and _num(record, key) is not None:
                 out[key + "/grad"] = record[key] / grad
     if cola and _num(cola, "gn_step"):
-        for key in ("gn_step", "gn_step_auto", "torchfunc_gn_step"):
+        for key in ("gn_step", "gn_step_auto", "gn_step_backward", "torchfunc_gn_step"):
             if _num(record, key) is not None:
                 out[key + "/cola_gn_step"] = record[key] / cola["gn_step"]
     return out

@@ -13,6 +13,7 @@ from torch import nn
 from ..operator import LinearOperator
 from ..params import ParamSpace
 from ._data import Batches, check_eval_mode, progress_bar, require_tqdm, resolve_params
+from ._mlp import mlp_input_problem, mlp_linearize, mlp_spec
 from .losses import loss_curvature
 
 __all__ = ["CurvatureOperator"]
@@ -42,14 +43,36 @@ class CurvatureOperator(LinearOperator):
         progress: show a tqdm progress bar over the batches of each pass (needs tqdm).
         allow_train_mode: build even when dropout or batch norm modules are in training
             mode (the operator then changes from pass to pass).
-        vectorize: products with k columns in one vmapped pass (True) or a loop (False);
-            None picks by device (vmapped on GPU).
+        vectorize: on the autograd path, products with k columns in one vmapped pass
+            (True) or a loop (False); None picks by device (vmapped on GPU). The MLP fast
+            path always takes the k columns in one batched pass.
+        fast_path: multiply with hand-written products on raw tensors (no autograd) when
+            the model is a multilayer perceptron: an ``nn.Sequential`` of ``nn.Linear``
+            layers and elementwise activations, inputs ``(N, d)`` (see
+            ``linops.curvature._mlp.mlp_spec``). None uses it when the model qualifies
+            (and, batch by batch, when the input does); False always uses autograd; True
+            raises a ``ValueError`` naming what does not qualify. ``op.fast_path`` says
+            which path the operator took.
+
+    Attributes:
+        loss: the loss over the whole data set at the parameters (0-dim, detached).
+        gradient: its gradient in the parameters, flat ``(n,)`` in ``param_space`` order
+            (detached).
+
+    Both are computed on first access from the linearization the operator keeps (one
+    batch, or ``cache=True``): the loss from the kept outputs (no pass), the gradient by one
+    reverse pass per batch, ``Jᵀ r`` with ``r = ∇_o ℓ`` (about 0.4 of an autograd gradient
+    with the fast path on the reference MLP; free for the ``Hessian``, which computes it
+    when built). Without a cache they cost a pass over the data (forward, and reverse for
+    the gradient). An optimizer step reads them instead of running its own forward and
+    backward pass.
 
     No costly check runs by default; ``check_deterministic()`` runs one on request.
     """
 
     symbol = "C"
     _tag_set = frozenset({"self_adjoint", "psd"})
+    _mlp_order = 1  # the derivatives of the activations the fast path needs
 
     def __init__(
         self,
@@ -62,10 +85,13 @@ class CurvatureOperator(LinearOperator):
         progress: bool = False,
         allow_train_mode: bool = False,
         vectorize: bool | None = None,
+        fast_path: bool | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-        self.loss = loss_curvature(loss_fn)
+        if fast_path not in (None, True, False):
+            raise TypeError(f"fast_path must be None, True or False; got {fast_path!r}.")
+        self._loss_curv = loss_curvature(loss_fn)
         self.model = model
         self.loss_fn = loss_fn
         #: the differentiated parameters, name → tensor (the values the operator is built at)
@@ -88,12 +114,30 @@ class CurvatureOperator(LinearOperator):
         self._frozen = {
             n: p.detach() for n, p in model.named_parameters() if n not in self.params
         }
+        self._require_fast = fast_path is True
+        self._mlp = None
+        if fast_path is not False:
+            spec = mlp_spec(model, space.names, space.dtype, self._mlp_order)
+            if isinstance(spec, str):
+                if fast_path:
+                    raise ValueError(
+                        f"fast_path=True needs a multilayer perceptron (an nn.Sequential "
+                        f"of nn.Linear layers and elementwise activations), but {spec}. "
+                        "Pass fast_path=None to fall back to autograd where it does not "
+                        "apply."
+                    )
+            else:
+                self._mlp = spec
+        #: whether products use the hand-written MLP path (``_mlp.py``) rather than autograd
+        self.fast_path = self._mlp is not None
         self.cached = bool(cache or self.data.single)
         self._states = None
         self._num_terms = None
+        self._loss_value = None
+        self._gradient = None
         if self.cached:
             self._states = list(self._linearize_pass())
-            total = sum(self.loss.count(s["loss"]) for s in self._states)
+            total = sum(self._loss_curv.count(s["loss"]) for s in self._states)
             self._num_terms = int(total)
             if self._num_terms == 0:
                 raise ValueError(
@@ -102,11 +146,12 @@ class CurvatureOperator(LinearOperator):
                 )
 
     # -------------------------------------------------------------- model evaluation
-    def _forward(self, X):
-        """``(leaves, output)``: the model at the parameters, with fresh graph leaves."""
+    def _forward(self, X, graph: bool = True):
+        """``(leaves, output)``: the model at the parameters, with fresh graph leaves (or,
+        with ``graph=False``, detached and no graph)."""
         names = self.param_space.names
-        leaves = [self.params[n].detach().requires_grad_(True) for n in names]
-        with torch.enable_grad():
+        leaves = [self.params[n].detach().requires_grad_(graph) for n in names]
+        with torch.set_grad_enabled(graph):
             out = torch.func.functional_call(
                 self.model, {**self._frozen, **dict(zip(names, leaves))}, (X,)
             )
@@ -121,6 +166,33 @@ class CurvatureOperator(LinearOperator):
                 f"{self.dtype}; make them agree (model.to(dtype), inputs of that dtype)."
             )
         return leaves, out
+
+    def _mlp_linearize(self, X):
+        """The batch's MLP linearization, or None where the autograd path takes it."""
+        if self._mlp is None:
+            return None
+        problem = mlp_input_problem(self._mlp, X, self.dtype)
+        if problem is not None:
+            if self._require_fast:
+                raise ValueError(
+                    f"fast_path=True, but {problem}. Pass fast_path=None to fall back to "
+                    "autograd for such batches."
+                )
+            return None
+        tensors = {**self._frozen, **self.params}
+        return mlp_linearize(self._mlp, tensors, X)
+
+    def _summed_value(self, out, y, loss_state) -> torch.Tensor:
+        """The batch's loss summed over its terms, detached (0-dim)."""
+        with torch.no_grad():
+            return self._loss_curv.summed_loss(out.detach(), y, loss_state).reshape(())
+
+    def _state_value(self, state: dict) -> torch.Tensor:
+        """The summed loss of a kept batch state (``"value"``, or its ``"out"`` and
+        ``"y"``)."""
+        if "value" not in state:
+            state["value"] = self._summed_value(state["out"], state["y"], state["loss"])
+        return state["value"]
 
     def _rerun(self, X):
         names = self.param_space.names
@@ -161,15 +233,76 @@ class CurvatureOperator(LinearOperator):
             else:
                 for a, p in zip(acc, part):
                     a.add_(p)
-            total = total + self.loss.count(state["loss"])
+            total = total + self._loss_curv.count(state["loss"])
         out = self.param_space.join(acc, k)
-        if self.loss.reduction == "mean":
+        if self._loss_curv.reduction == "mean":
             out = out / (self._num_terms if self._states is not None else total)
         return out, total
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
         states = self._states if self._states is not None else self._linearize_pass()
         return self._product(X, states)[0]
+
+    # -------------------------------------------------------------- loss and gradient
+    def _state_gradient(self, state: dict) -> list[torch.Tensor]:
+        """The batch's summed-loss gradient, one tensor per parameter."""
+        raise NotImplementedError
+
+    def _scale(self, total):
+        if self._loss_curv.reduction != "mean":
+            return 1.0
+        return self._num_terms if self._states is not None else total
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """The loss over the data set at the parameters: ``loss_fn``'s reduction over every
+        term of every batch (0-dim, detached). From the kept outputs when the operator caches
+        its linearization; otherwise one forward pass over the data."""
+        if self._loss_value is None:
+            if self._states is not None:
+                value = sum(self._state_value(s) for s in self._states)
+                self._loss_value = value / self._scale(None)
+            else:
+                value, total = 0.0, 0
+                for X, y in progress_bar(self.data, self._progress, None, repr(self)):
+                    _, out = self._forward(X, graph=False)
+                    loss_state = self._loss_curv.prepare(out, y)
+                    value = value + self._summed_value(out, y, loss_state)
+                    total = total + self._loss_curv.count(loss_state)
+                self._loss_value = value / self._scale(total)
+        return self._loss_value
+
+    @property
+    def gradient(self) -> torch.Tensor:
+        """The gradient of ``loss`` in the parameters, flat ``(n,)`` in ``param_space``
+        order (detached). With a cached linearization one reverse pass per batch (free for
+        the ``Hessian``); otherwise a forward and a reverse pass per batch."""
+        if self._gradient is None:
+            if self._states is not None:
+                acc = None
+                for state in self._states:
+                    part = self._state_gradient(state)
+                    acc = part if acc is None else [a + p for a, p in zip(acc, part)]
+                self._gradient = self.param_space.join(acc) / self._scale(None)
+            else:
+                self._gradient = self._gradient_pass()
+        return self._gradient
+
+    def _gradient_pass(self) -> torch.Tensor:
+        acc, value, total = None, 0.0, 0
+        for X, y in progress_bar(self.data, self._progress, None, repr(self)):
+            leaves, out = self._forward(X)
+            loss_state = self._loss_curv.prepare(out, y)
+            with torch.enable_grad():
+                summed = self._loss_curv.summed_loss(out, y, loss_state)
+            part = torch.autograd.grad(summed, leaves, allow_unused=True,
+                                       materialize_grads=True)
+            acc = list(part) if acc is None else [a + p for a, p in zip(acc, part)]
+            value = value + summed.detach()
+            total = total + self._loss_curv.count(loss_state)
+        scale = self._scale(total)
+        self._loss_value = value / scale
+        return self.param_space.join(acc) / scale
 
     # -------------------------------------------------------------- explicit checks
     def check_deterministic(self, rtol: float | None = None) -> float:
@@ -238,4 +371,4 @@ class CurvatureOperator(LinearOperator):
         )
 
     def _repr(self) -> str:
-        return f"{type(self).__name__}({self.loss.name}, {self.shape[0]} params)"
+        return f"{type(self).__name__}({self._loss_curv.name}, {self.shape[0]} params)"

@@ -12,6 +12,8 @@ terms for a mean). They differ in the output-space block ``B_n``:
 Each product column costs one reverse pass over the backward graph (``J v``) and one
 reverse pass (``Jᵀ u``) per batch; the forward pass and linearization run once when the
 operator is built (one batch, or ``cache=True``) or once per batch per product otherwise.
+For a multilayer perceptron (``fast_path``) ``J v`` and ``Jᵀ u`` are hand-written on raw
+tensors instead (``_mlp.py``): 4 GEMMs per layer, no autograd, k columns batched.
 """
 
 from __future__ import annotations
@@ -20,17 +22,24 @@ import torch
 
 from ..autodiff._linearization import Linearization
 from ._base import CurvatureOperator
+from ._mlp import mlp_gradient, mlp_jvp, mlp_vjp
 
 __all__ = ["GGN", "EmpiricalFisher", "MCFisher"]
 
 
 class _JBJ(CurvatureOperator):
     def _linearize(self, X, y, generator):
-        leaves, out = self._forward(X)
-        loss_state = self.loss.prepare(out, y)
-        lin = Linearization(out, leaves, self.param_space.names, rerun=self._rerun(X),
-                            vectorize=self.vectorize, what="parameter")
-        state = {"lin": lin, "loss": loss_state}
+        mlp = self._mlp_linearize(X)
+        if mlp is not None:
+            out = mlp.out
+            state = {"mlp": mlp}
+        else:
+            leaves, out = self._forward(X)
+            lin = Linearization(out, leaves, self.param_space.names, rerun=self._rerun(X),
+                                vectorize=self.vectorize, what="parameter")
+            state = {"lin": lin}
+        state["loss"] = self._loss_curv.prepare(out, y)
+        state["out"], state["y"] = out.detach(), y
         self._extend_state(state, generator)
         return state
 
@@ -38,8 +47,18 @@ class _JBJ(CurvatureOperator):
         pass
 
     def _apply(self, state, V, k):
+        if "mlp" in state:
+            mlp = state["mlp"]
+            V = [v.detach() for v in V]
+            return mlp_vjp(mlp, self._middle(state, mlp_jvp(mlp, V, k)), k)
         lin = state["lin"]
         return lin.vjp(self._middle(state, lin.jvp(V, k)), k)
+
+    def _state_gradient(self, state):
+        r = self._loss_curv.residual(state["loss"])
+        if "mlp" in state:
+            return mlp_gradient(state["mlp"], r)
+        return [g[0] for g in state["lin"].vjp(r.unsqueeze(0), 1)]
 
     def _middle(self, state, T: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -55,12 +74,16 @@ class GGN(_JBJ):
     set, however it is split into batches. PSD and self-adjoint.
 
     Cost: building one batch runs its forward pass and one reverse pass; each product
-    column then costs two reverse passes (about 1.4 gradients), no forward pass. Over
-    several batches without ``cache``, each product re-runs every batch's forward pass.
+    column then costs two reverse passes (about 1.4 gradients), no forward pass. For a
+    multilayer perceptron (``fast_path``) building is one forward pass with raw operations
+    and a product a hand-written tangent forward and backward pass (4 GEMMs per layer;
+    0.9 to 1.1 autograd gradients on the reference MLP). Over several batches without
+    ``cache``, each product re-runs every batch's forward pass.
 
     Args:
-        model, loss_fn, data, params, cache, progress, allow_train_mode, vectorize: see
-            ``linops.curvature.CurvatureOperator``.
+        model, loss_fn, data, params, cache, progress, allow_train_mode, vectorize,
+            fast_path: see ``linops.curvature.CurvatureOperator`` (which also documents
+            the attributes ``loss`` and ``gradient``).
 
     Example:
         >>> import torch
@@ -75,12 +98,14 @@ class GGN(_JBJ):
         torch.Size([26])
         >>> G.param_space.unflatten(G @ torch.randn(26))["0.weight"].shape
         torch.Size([4, 3])
+        >>> G.fast_path, G.gradient.shape, G.loss.shape  # an MLP: hand-written products
+        (True, torch.Size([26]), torch.Size([]))
     """
 
     symbol = "G"
 
     def _middle(self, state, T):
-        return self.loss.hessian_product(state["loss"], T)
+        return self._loss_curv.hessian_product(state["loss"], T)
 
 
 def _outer_products(R: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
@@ -104,8 +129,8 @@ class EmpiricalFisher(_JBJ):
     column costs two reverse passes, like the GGN.
 
     Args:
-        model, loss_fn, data, params, cache, progress, allow_train_mode, vectorize: see
-            ``linops.curvature.CurvatureOperator``.
+        model, loss_fn, data, params, cache, progress, allow_train_mode, vectorize,
+            fast_path: see ``linops.curvature.CurvatureOperator``.
 
     Example:
         >>> import torch
@@ -120,7 +145,7 @@ class EmpiricalFisher(_JBJ):
     symbol = "F"
 
     def _extend_state(self, state, generator):
-        state["R"] = self.loss.residual(state["loss"]).unsqueeze(0)
+        state["R"] = self._loss_curv.residual(state["loss"]).unsqueeze(0)
 
     def _middle(self, state, T):
         return _outer_products(state["R"], T)
@@ -142,8 +167,8 @@ class MCFisher(_JBJ):
     Args:
         mc_samples: ``S``, the number of draws per sample (≥ 1).
         seed: the seed of the draws.
-        model, loss_fn, data, params, cache, progress, allow_train_mode, vectorize: see
-            ``linops.curvature.CurvatureOperator``.
+        model, loss_fn, data, params, cache, progress, allow_train_mode, vectorize,
+            fast_path: see ``linops.curvature.CurvatureOperator``.
 
     Example:
         >>> import torch
@@ -172,12 +197,12 @@ class MCFisher(_JBJ):
         return torch.Generator(device=self.device).manual_seed(self.seed)
 
     def _extend_state(self, state, generator):
-        R = self.loss.sampled_residuals(state["loss"], self.mc_samples, generator)
+        R = self._loss_curv.sampled_residuals(state["loss"], self.mc_samples, generator)
         state["R"] = R / self.mc_samples**0.5
 
     def _middle(self, state, T):
         return _outer_products(state["R"], T)
 
     def _repr(self):
-        return (f"MCFisher({self.loss.name}, {self.shape[0]} params, "
+        return (f"MCFisher({self._loss_curv.name}, {self.shape[0]} params, "
                 f"mc_samples={self.mc_samples})")
