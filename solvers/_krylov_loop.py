@@ -27,10 +27,6 @@ from ._krylov_utils import (
 )
 from .result import Solution, Status, check_on_failure, report
 
-# warnings.warn → report → LinearSolve._solution → a LinearSolve method or the reporter
-# closure → the kernel → the kernel's caller, which is where the warning points
-_STACKLEVEL = 5
-
 
 def host_says_stop(active: torch.Tensor, rnorm: torch.Tensor) -> bool:
     """One host synchronization: whether no column is active or an active one is not finite."""
@@ -174,7 +170,7 @@ class LinearSolve:
     def _solution(self, value, status, iterations, hist, message, info) -> Solution:
         value = value[:, 0] if self.vector else value
         sol = Solution(value, status, iterations, hist, self.alg, message, info)
-        return report(sol, self.on_failure, stacklevel=_STACKLEVEL)
+        return report(sol, self.on_failure)
 
     # ---------------------------------------------------------------- messages
     def nonfinite_message(self, cols: list[int], iterations: int, advice="try float64") -> str:

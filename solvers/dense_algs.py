@@ -182,7 +182,7 @@ def dense_solve(A: torch.Tensor, B: torch.Tensor, alg, *, on_failure=None) -> So
         )
     value = X[:, 0] if vector else X
     sol = Solution(value, status, 0, residuals, alg, message)
-    return report(sol, on_failure, stacklevel=3)
+    return report(sol, on_failure)
 
 
 def dense_eigh(
@@ -219,7 +219,7 @@ def dense_eigh(
         status, message = Status.CONVERGED, f"{type(alg).__name__}: eigendecomposition."
     residuals = torch.zeros((1, k), dtype=torch.float64)
     sol = Solution((vals, vecs), status, 0, residuals, alg, message)
-    return report(sol, on_failure, stacklevel=3)
+    return report(sol, on_failure)
 
 
 def dense_slogdet(A: torch.Tensor, alg=None) -> tuple[torch.Tensor, torch.Tensor]:

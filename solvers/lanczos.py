@@ -195,7 +195,7 @@ def lanczos(
         hist = torch.stack(rows) if rows else torch.full((1, k), float("nan"))
         hist = hist.to(torch.float64)
         sol = Solution((vals, vecs), status, iterations, hist, alg, message, info)
-        return report(sol, on_failure, stacklevel=4)
+        return report(sol, on_failure)
 
     q = _start_vector(v0, n, dtype, device, None) if v0 is not None else randvec()
     qnorm = torch.linalg.vector_norm(q)

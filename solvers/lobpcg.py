@@ -186,7 +186,7 @@ def lobpcg(
     def finish(value, status, iterations, rows, message, **info):
         hist = torch.stack(rows).to(dtype=torch.float64)
         sol = Solution(value, status, iterations, hist, alg, message, info)
-        return report(sol, on_failure, stacklevel=4)
+        return report(sol, on_failure)
 
     nan_row = torch.full((k,), float("nan"), dtype=torch.float64)
     if not bool(torch.isfinite(X).all()):

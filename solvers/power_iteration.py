@@ -119,7 +119,7 @@ def power_iteration(
     def done(lam, vec, status, iterations, rows, message, **info):
         hist = torch.stack(rows).to(device="cpu", dtype=torch.float64)[:, None]
         sol = Solution((lam, vec), status, iterations, hist, alg, message, info)
-        return report(sol, on_failure, stacklevel=4)
+        return report(sol, on_failure)
 
     nan_row = torch.full((), float("nan"), dtype=torch.float64, device=device)
     if not bool(torch.isfinite(vnorm) & (vnorm > 0)):

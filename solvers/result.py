@@ -121,7 +121,22 @@ def check_on_failure(on_failure: str, owner: str = "on_failure") -> str:
     return on_failure
 
 
-def report(sol: Solution, on_failure: str = "warn", stacklevel: int = 3) -> Solution:
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` called by our caller that points at the
+    first frame outside linops, solvers and torch: the user's line that asked for it."""
+    import os
+    import sys
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo/site dir
+    inside = (os.path.join(here, "solvers"), os.path.join(here, "linops"),
+              os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def report(sol: Solution, on_failure: str = "warn", stacklevel: int | None = None) -> Solution:
     """Make a failed ``sol`` loud, according to ``on_failure``; return ``sol``.
 
     Nothing happens when ``sol`` converged, when ``on_failure == "ignore"``, or when
@@ -132,7 +147,8 @@ def report(sol: Solution, on_failure: str = "warn", stacklevel: int = 3) -> Solu
         sol: the record.
         on_failure: ``"warn"`` (a :class:`NotConvergedWarning` with ``sol.message``),
             ``"raise"`` (a :class:`NotConvergedError`) or ``"ignore"``.
-        stacklevel: passed to ``warnings.warn``.
+        stacklevel: passed to ``warnings.warn``; by default the warning points at the
+            first caller outside linops and solvers.
     """
     check_on_failure(on_failure)
     if sol.converged or on_failure == "ignore" or sol._reported:
@@ -140,5 +156,7 @@ def report(sol: Solution, on_failure: str = "warn", stacklevel: int = 3) -> Solu
     sol._reported = True
     if on_failure == "raise":
         raise NotConvergedError(sol.message, sol)
+    if stacklevel is None:
+        stacklevel = _user_stacklevel()
     warnings.warn(sol.message, NotConvergedWarning, stacklevel=stacklevel)
     return sol
