@@ -185,11 +185,12 @@ def test_every_activation(act):
 def test_activation_without_second_derivatives():
     # PyTorch has no second derivative of hardsigmoid (neither double backward nor forward
     # mode over its backward): the GGN needs none and falls back to forward mode for J v;
-    # the Hessian says what is missing and what to use instead.
+    # the Hessian says what is missing and what to use instead. (The autograd path: the MLP
+    # fast path knows hardsigmoid's σ'' = 0, see test_curvature_mlp.py.)
     model, loss_fn, X, y = _problem("ce-mean", "cpu", act=nn.Hardsigmoid)
-    G = GGN(model, loss_fn, (X, y))
+    G = GGN(model, loss_fn, (X, y), fast_path=False)
     _check(G, ref_ggn(model, loss_fn, X, y, dict(model.named_parameters())), "cpu")
-    H = Hessian(model, loss_fn, (X, y))
+    H = Hessian(model, loss_fn, (X, y), fast_path=False)
     with pytest.raises(RuntimeError, match="hardsigmoid_backward.*Use the GGN"):
         H @ torch.ones(H.shape[1], dtype=F64)
 
