@@ -37,6 +37,12 @@ class ScalarMul(LinearOperator):
     def __init__(self, c, A: LinearOperator):
         if getattr(self, "_initialized", False):
             return
+        c_complex = isinstance(c, complex) or (isinstance(c, torch.Tensor) and c.is_complex())
+        if c_complex and not A.dtype.is_complex:
+            raise TypeError(
+                f"A complex scalar {c} times a real operator ({A.dtype}) would change its dtype: "
+                "convert the operator first, e.g. A.to(torch.complex64)."
+            )
         super().__init__(A.dtype, A.shape, A.device)
         if isinstance(c, torch.Tensor):
             c = c.to(device=A.device)

@@ -33,8 +33,11 @@ class Auto:
     tells which algorithm was picked; the record of every solve names it too.
 
     Example:
-        >>> alg = Auto(tol=1e-3, max_iters=20)
-        >>> alg.select(PSD(A), "solve")     # CG(tol=0.001, max_iters=20, ...) for a big A
+        >>> import torch, linops
+        >>> A = linops.PSD(linops.Diagonal(torch.ones(5000)))
+        >>> alg = Auto(tol=1e-3, max_iters=20).select(A, "solve")
+        >>> type(alg).__name__, alg.tol, alg.max_iters
+        ('CG', 0.001, 20)
     """
 
     tol: float = 1e-6

@@ -45,6 +45,7 @@ class Cholesky:
     on_failure: str = "warn"
 
     def __post_init__(self):
+        _not_a_matrix(self.on_failure, "Cholesky")
         check_on_failure(self.on_failure, "Cholesky: on_failure")
 
 
@@ -65,6 +66,7 @@ class Eigh:
     on_failure: str = "warn"
 
     def __post_init__(self):
+        _not_a_matrix(self.on_failure, "Eigh")
         check_on_failure(self.on_failure, "Eigh: on_failure")
 
 
@@ -85,7 +87,17 @@ class Dense:
     on_failure: str = "warn"
 
     def __post_init__(self):
+        _not_a_matrix(self.on_failure, "Dense")
         check_on_failure(self.on_failure, "Dense: on_failure")
+
+
+def _not_a_matrix(value, name: str) -> None:
+    if isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"solvers.{name} is an algorithm configuration, not an operator: for the operator "
+            "of a matrix M use linops.Dense(M) (after `from solvers import *` the name Dense "
+            "is the algorithm)."
+        )
 
 
 def _check_matrix(A: torch.Tensor, fname: str):

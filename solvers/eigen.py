@@ -66,9 +66,17 @@ def eig(A: LinearOperator, k: int = 1, which: str = "LA", alg=None) -> EigResult
         alg: ``Auto()`` (dense ``Eigh`` up to ``dense_threshold``, ``Lanczos`` above),
             ``Lanczos``, ``LOBPCG``, ``PowerIteration`` (k=1, which='LM'), ``Eigh``, ``Dense``.
 
-    Lanczos stops when each wanted Ritz pair's residual ‖A v − θ v‖ ≤ tol·|θ|.
+    Lanczos stops when each wanted Ritz pair's residual ‖A v − θ v‖ ≤ τ·|θ| + 10·eps·max|θ|
+    with τ = min(tol, 1e-3) (the cap keeps a loose tol from settling on a neighbouring
+    eigenvalue; see ``solvers.Lanczos``).
+
     Example:
-        >>> vals, vecs = eig(H, k=3, which="LA", alg=Lanczos(tol=1e-6))
+        >>> import torch, linops
+        >>> from solvers import Lanczos
+        >>> H = linops.SelfAdjoint(linops.Dense(torch.diag(torch.arange(1.0, 2001.0))))
+        >>> vals, vecs = eig(H, k=2, which="LA", alg=Lanczos(tol=1e-6, seed=0))
+        >>> [round(v, 2) for v in vals.tolist()]
+        [2000.0, 1999.0]
     """
     A = check_operator(A, "eig")
     if which not in _WHICH:

@@ -57,8 +57,14 @@ def inv(A: LinearOperator, alg=None) -> LinearOperator:
     Gradients with respect to b and to tensors inside A go through an adjoint solve.
 
     Example:
-        >>> Ainv = inv(PSD(A), alg=CG(tol=1e-8))
-        >>> x = Ainv @ b; Ainv.solution.iterations
+        >>> import torch, linops
+        >>> from solvers import CG
+        >>> A = linops.PSD(linops.Dense(torch.tensor([[4.0, 1.0], [1.0, 3.0]])))
+        >>> Ainv = inv(A, alg=CG(tol=1e-8))
+        >>> Ainv @ torch.tensor([1.0, 2.0])
+        tensor([0.0909, 0.6364])
+        >>> Ainv.solution.converged, Ainv.solution.iterations
+        (True, 2)
     """
     A = check_operator(A, "inv")
     alg = check_alg(alg, "inv")
@@ -109,7 +115,7 @@ def pinv(A: LinearOperator, alg=None) -> LinearOperator:
     dense ``torch.linalg.pinv`` below ``Auto.dense_threshold``, and above it, for a
     self-adjoint A, CG on A² x = A b from x0 = 0 (the minimum-norm least-squares solution).
     """
-    A = check_operator(A, "pinv")
+    A = check_operator(A, "pinv", square=False)
     return pinv_rule(A, check_alg(alg, "pinv"))
 
 
@@ -162,6 +168,8 @@ class InverseOperator(LinearOperator):
         return self.H._matmat(Y)
 
     def _matmat(self, B):
+        if B.shape[1] == 0:
+            return B.clone()
         params = _grad_tensors(self.A) if torch.is_grad_enabled() else []
         if torch.is_grad_enabled() and (B.requires_grad or params):
             return _ImplicitSolve.apply(self, B, *params)
@@ -180,6 +188,7 @@ class InverseOperator(LinearOperator):
                 kernel = {CG: cg, MINRES: minres, GMRES: gmres}[type(alg)]
                 pre = alg.preconditioner
                 if isinstance(pre, LinearOperator):
+                    _check_preconditioner(pre, self.A)
                     pre = pre._matmat
                 x0 = self.x0 if self.x0 is not None else alg.x0
                 if x0 is not None:
@@ -231,6 +240,13 @@ class InverseOperator(LinearOperator):
         )
         report(self.solution, getattr(self.alg, "on_failure", "warn"))
         return X
+
+
+def _check_preconditioner(P: LinearOperator, A: LinearOperator) -> None:
+    if P.shape != A.shape:
+        raise ValueError(f"The preconditioner is {P.shape[0]}×{P.shape[1]} but A is "
+                         f"{A.shape[0]}×{A.shape[1]}: it must approximate A⁻¹, of A's shape.")
+    P._check_compatible(A, "as a preconditioner of")
 
 
 class _ImplicitSolve(torch.autograd.Function):
@@ -291,6 +307,8 @@ def inv_rule(A: Identity, alg: object) -> LinearOperator:  # noqa: F811
 
 @dispatch
 def inv_rule(A: Diagonal, alg: object) -> LinearOperator:  # noqa: F811
+    if not bool(torch.isfinite(A.d).all()):
+        raise ValueError("inv of a Diagonal with NaN or infinite entries.")
     if not bool((A.d != 0).all()):
         raise ValueError("inv of a singular Diagonal (a zero entry); use solvers.pinv(A).")
     out = Diagonal(1 / A.d)
@@ -300,7 +318,7 @@ def inv_rule(A: Diagonal, alg: object) -> LinearOperator:  # noqa: F811
 
 @dispatch
 def inv_rule(A: ScalarMul, alg: object) -> LinearOperator:  # noqa: F811
-    if isinstance(A.c, numbers.Number) and A.c == 0:
+    if bool(A.c == 0):
         raise ValueError("inv of 0·A: the operator is zero.")
     op = A.op
     if isinstance(A.c, numbers.Real) and A.c > 0 and is_psd(A):
@@ -340,13 +358,17 @@ def inv_rule(A: Product, alg: object) -> LinearOperator:  # noqa: F811
 
 @dispatch
 def inv_rule(A: Triangular, alg: object) -> LinearOperator:  # noqa: F811
+    d = A.M.diagonal()
+    if not bool(torch.isfinite(d).all()) or not bool((d != 0).all()):
+        raise ValueError("inv of a singular Triangular (a zero or non-finite diagonal entry); "
+                         "use solvers.pinv(A).")
     return _TriangularInverse(A)
 
 
 @dispatch
 def inv_rule(A: Sum, alg: object) -> LinearOperator:  # noqa: F811
     w = _woodbury_parts(A)
-    if w is None:
+    if w is None or not bool((w[0] != 0).all()):  # Woodbury needs an invertible diagonal
         return _generic_inverse(A, alg)
     d, low = w
     return _woodbury(d, low)
@@ -388,7 +410,12 @@ def _woodbury(d: torch.Tensor, low: LowRank) -> LinearOperator:
     Cinv = (torch.eye(r, dtype=U.dtype, device=U.device) if low.C is None
             else torch.linalg.inv(low.C))
     core = Cinv + V.mH @ (dinv[:, None] * U)
-    K = torch.linalg.inv(core)
+    K, info = torch.linalg.inv_ex(core)
+    if bool(info != 0) or not bool(torch.isfinite(K).all()):
+        raise ValueError(
+            "D + U C Vᴴ is singular (its Woodbury core C⁻¹ + Vᴴ D⁻¹ U is): add damping "
+            "c·I_like(A), or use solvers.pinv(A)."
+        )
     correction = LowRank(dinv[:, None] * U, -K, dinv.conj()[:, None] * V)
     out = Diagonal(dinv) + correction
     return out
@@ -419,12 +446,17 @@ class _TriangularInverse(LinearOperator):
 def pinv_rule(A: LinearOperator, alg: object) -> LinearOperator:
     """Generic pseudo-inverse: dense below the threshold, CG on A² above (self-adjoint)."""
     from .cg import CG
+    from .dense_algs import Dense as DenseAlg
+    from .dense_algs import Eigh
 
     auto = alg if isinstance(alg, Auto) else None
-    if auto is not None and A.shape[0] <= auto.dense_threshold:
-        return Dense(torch.linalg.pinv(A.to_dense(), hermitian=is_self_adjoint(A)))
+    dense = isinstance(alg, (DenseAlg, Eigh)) or (
+        auto is not None and max(A.shape) <= auto.dense_threshold)
+    if dense or not A.is_square():
+        sa = A.is_square() and is_self_adjoint(A)
+        return Dense(torch.linalg.pinv(A.to_dense(), hermitian=sa))
     if not isinstance(alg, (Auto, CG)):
-        raise TypeError(f"pinv runs Auto (dense or CG) or CG, not {type(alg).__name__}.")
+        raise TypeError(f"pinv runs Auto, Dense, Eigh or CG, not {type(alg).__name__}.")
     if not is_self_adjoint(A):
         raise ValueError("pinv of a large non-self-adjoint operator is not supported; "
                          "raise Auto(dense_threshold=...) to use a dense pseudo-inverse.")
@@ -475,8 +507,9 @@ def pinv_rule(A: Diagonal, alg: object) -> LinearOperator:  # noqa: F811
 
 @dispatch
 def pinv_rule(A: ScalarMul, alg: object) -> LinearOperator:  # noqa: F811
-    if isinstance(A.c, numbers.Number) and A.c == 0:
-        return ScalarMul(0.0, Identity(A.shape[0], A.dtype, A.device))
+    if bool(A.c == 0):  # (0·A)⁺ = 0, of Aᵀ's shape
+        zero = torch.zeros(A.shape[1], A.shape[0], dtype=A.dtype, device=A.device)
+        return Dense(zero)
     return ScalarMul(1 / A.c, pinv_rule(A.op, alg))
 
 

@@ -198,7 +198,7 @@ def slogdet_rule(A: Sum, alg: object) -> tuple:  # noqa: F811
     from .inverse import _woodbury_parts
 
     w = _woodbury_parts(A)
-    if w is None:
+    if w is None or not bool((w[0] != 0).all()):  # the lemma needs an invertible diagonal
         return slogdet_rule.invoke(LinearOperator, object)(A, alg)
     d, low = w
     # det(D + U C Vᴴ) = det(C⁻¹ + Vᴴ D⁻¹ U) · det(C) · det(D)

@@ -105,7 +105,7 @@ def trace_rule(A: ScalarMul, alg: object) -> torch.Tensor:  # noqa: F811
 @dispatch
 def trace_rule(A: Kronecker, alg: object) -> torch.Tensor:  # noqa: F811
     if not all(f.is_square() for f in A.factors):
-        return A.diag().sum()
+        return diag_rule(A, alg).sum()
     out = trace_rule(A.factors[0], alg)
     for f in A.factors[1:]:
         out = out * trace_rule(f, alg)
@@ -115,7 +115,7 @@ def trace_rule(A: Kronecker, alg: object) -> torch.Tensor:  # noqa: F811
 @dispatch
 def trace_rule(A: BlockDiag, alg: object) -> torch.Tensor:  # noqa: F811
     if not all(b.is_square() for b in A.blocks):
-        return A.diag().sum()
+        return diag_rule(A, alg).sum()
     return torch.stack([trace_rule(b, alg) for b in A.blocks]).sum()
 
 

@@ -91,7 +91,19 @@ def log(A, alg=None):
 
 
 def _scalar_f(f, c, like):
-    return f(torch.as_tensor(c, dtype=like.dtype, device=like.device))
+    return _finite(f(torch.as_tensor(c, dtype=like.dtype, device=like.device)), c)
+
+
+def _finite(values: torch.Tensor, eigenvalues) -> torch.Tensor:
+    """f of the eigenvalues, or a ValueError when some fall outside f's domain."""
+    if not bool(torch.isfinite(values).all()):
+        ev = torch.as_tensor(eigenvalues)
+        raise ValueError(
+            "f(A) is not finite: some eigenvalues of A lie outside the domain of f (the "
+            f"smallest is {float(ev.real.min()):.3g}); sqrt needs A PSD, isqrt and log need A "
+            "positive definite (add damping c·I_like(A)), and NaN/inf in A propagate."
+        )
+    return values
 
 
 @dispatch
@@ -108,7 +120,9 @@ def unary_rule(f: object, A: LinearOperator, alg: object) -> LinearOperator:
             raise ValueError("apply_unary needs a self-adjoint operator (tag it with "
                              "linops.SelfAdjoint or linops.PSD if it is).")
         vals, vecs = torch.linalg.eigh(A.to_dense())
-        out = Dense((vecs * f(vals)[None, :]) @ vecs.mH)
+        if is_psd(A):  # rounding can leave eigenvalues of a singular PSD A at -1e-17
+            vals = vals.clamp_min(0)
+        out = Dense((vecs * _finite(f(vals), vals)[None, :]) @ vecs.mH)
         return _tag_like(out, A, f)
     if isinstance(alg, Lanczos):
         if not is_self_adjoint(A):
@@ -129,7 +143,7 @@ def _tag_like(out, A, f):
 
 @dispatch
 def unary_rule(f: object, A: Diagonal, alg: object) -> LinearOperator:  # noqa: F811
-    return Diagonal(f(A.d))
+    return Diagonal(_finite(f(A.d), A.d))
 
 
 @dispatch
@@ -142,7 +156,8 @@ def unary_rule(f: object, A: ScalarMul, alg: object) -> LinearOperator:  # noqa:
     if isinstance(A.op, Identity):
         return ScalarMul(_scalar_f(f, A.c, A).item(), A.op)
     if isinstance(A.op, Diagonal):
-        return Diagonal(f(A.c * A.op.d))
+        d = A.c * A.op.d
+        return Diagonal(_finite(f(d), d))
     return unary_rule.invoke(object, LinearOperator, object)(f, A, alg)
 
 
