@@ -11,6 +11,8 @@ three kernels validate, stop and report the same way.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -24,8 +26,26 @@ from ._krylov_utils import (
     history_to_cpu,
     prepare_rhs,
     prepare_x0,
+    validate_common,
 )
 from .result import Solution, Status, check_on_failure, report
+
+
+@dataclass(frozen=True)
+class SolveConfig:
+    """The fields CG and MINRES share (each documents them): tol, atol, max_iters,
+    preconditioner, x0, on_failure, check_every."""
+
+    tol: float = 1e-6
+    atol: float = 0.0
+    max_iters: int | None = None
+    preconditioner: Any = field(default=None, compare=False)
+    x0: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    on_failure: str = "warn"
+    check_every: int | None = None
+
+    def __post_init__(self):
+        validate_common(self, atol=True, preconditioner=True, x0=True)
 
 
 def host_says_stop(active: torch.Tensor, rnorm: torch.Tensor) -> bool:

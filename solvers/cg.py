@@ -5,20 +5,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-from ._krylov_loop import LinearSolve, columns, host_says_stop
-from ._krylov_utils import Matmat, check_matmat_output, col_dot, col_norm, fmt, validate_common
+from ._krylov_loop import LinearSolve, SolveConfig, columns, host_says_stop
+from ._krylov_utils import Matmat, check_matmat_output, col_dot, col_norm, fmt
 from .result import Solution, Status
 
 __all__ = ["CG", "cg"]
 
 
 @dataclass(frozen=True)
-class CG:
+class CG(SolveConfig):
     """Preconditioned conjugate gradients for ``A X = B`` with A symmetric positive definite.
 
     Stopping rule, per column ``b`` of ``B``: ``‖b − A x‖ ≤ tol·‖b‖ + atol``. The loop
@@ -51,16 +50,6 @@ class CG:
         True
     """
 
-    tol: float = 1e-6
-    atol: float = 0.0
-    max_iters: int | None = None
-    preconditioner: Any = field(default=None, compare=False)
-    x0: torch.Tensor | None = field(default=None, compare=False, repr=False)
-    on_failure: str = "warn"
-    check_every: int | None = None
-
-    def __post_init__(self):
-        validate_common(self, atol=True, preconditioner=True, x0=True)
 
 
 def cg(
