@@ -259,8 +259,9 @@ class LinearOperator:
                     f"shape {tuple(c.shape)}. For a diagonal scaling use linops.Diagonal(d) @ A."
                 )
             c = c.reshape(())
-        elif not isinstance(c, numbers.Number):
-            raise TypeError(f"Cannot multiply {self._describe()} by {type(c).__name__}.")
+        elif not isinstance(c, numbers.Number) or isinstance(c, bool):
+            raise TypeError(f"Cannot multiply {self._describe()} by {type(c).__name__} {c!r}: "
+                            "use a number or a one-element tensor.")
         return ScalarMul(c, self)
 
     def __rmul__(self, c):
@@ -269,6 +270,8 @@ class LinearOperator:
     def __truediv__(self, c):
         if isinstance(c, LinearOperator):
             raise TypeError("Operators cannot be divided; use solvers.inv(B) for B⁻¹.")
+        if isinstance(c, numbers.Number) and c == 0:
+            raise ValueError(f"{self._describe()} / 0: division by zero.")
         return self.__mul__(1 / c)
 
     @property

@@ -84,7 +84,7 @@ def eig(A: LinearOperator, k: int = 1, which: str = "LA", alg=None) -> EigResult
     n = A.shape[0]
     if k is None:
         k = n
-    if not isinstance(k, numbers.Integral) or not 1 <= k <= n:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n:
         raise ValueError(f"eig: k must be an int with 1 ≤ k ≤ {n}, got {k!r}.")
     return eig_rule(A, int(k), which, check_alg(alg, "eig"))
 

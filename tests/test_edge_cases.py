@@ -106,3 +106,13 @@ def test_empty_right_hand_side():
     A = PSD(Dense(torch.eye(5)))
     for alg in (solvers.CG(), solvers.MINRES(), solvers.Cholesky()):
         assert solvers.solve(A, torch.zeros(5, 0), alg=alg).shape == (5, 0)
+
+
+def test_scalar_misuse():
+    A = Dense(torch.eye(3))
+    with pytest.raises(TypeError, match="number"):
+        A * True
+    with pytest.raises(ValueError, match="division by zero"):
+        A / 0
+    with pytest.raises(ValueError, match="k must be an int"):
+        solvers.eig(PSD(A), k=True)
