@@ -53,7 +53,9 @@ def second_order_run(kind: str, model: nn.Module, X, y, steps: int, setup=GAUSS_
     alg = Auto(tol=setup.cg_tol, max_iters=setup.cg_max_iters, on_failure="ignore")
     losses, unconverged = [], 0
     for _ in range(steps):
-        J = Jacobian(logits, p)
+        # one linearization per step: the NG step's Fisher lends its Jacobian to the gradient
+        F = FIM(logits, p) if kind == "ng" else None
+        J = F.jacobian if F is not None else Jacobian(logits, p)
         z = J.value
         with torch.enable_grad():
             zz = z.detach().requires_grad_(True)
@@ -67,7 +69,7 @@ def second_order_run(kind: str, model: nn.Module, X, y, steps: int, setup=GAUSS_
             A = PSD(G + setup.gn_damping * I_like(G))
             lr = setup.gn_lr
         else:
-            F = FIM(logits, p) / X.shape[0]  # Fisher of the MEAN loss (FIM sums over points)
+            F = F / X.shape[0]  # Fisher of the MEAN loss (FIM sums over points)
             A = PSD(F + setup.ng_damping * I_like(F))
             lr = setup.ng_lr
         Ainv = inv(A, alg=alg)

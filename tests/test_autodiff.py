@@ -332,3 +332,25 @@ def test_vectorized_products_split_many_columns_into_chunks():
         _close(Jacobian(f, x, vectorize=vectorize).to_dense(), jacrev(f)(x))
         _close(Hessian(lambda x: f(x).sum(), x, vectorize=vectorize).to_dense(),
                hessian(lambda x: f(x).sum())(x))
+
+
+def test_fim_and_ggn_lend_their_jacobian_without_a_new_pass():
+    torch.manual_seed(0)
+    W = torch.randn(3, 4, dtype=torch.float64)
+    X = torch.randn(6, 4, dtype=torch.float64)
+    calls = []
+
+    def logits(w):
+        calls.append(1)
+        return torch.tanh(X @ w.T)
+
+    ref = torch.func.jacrev(logits)(W).reshape(6 * 3, -1)
+    for op in (linops.FIM(logits, W),
+               linops.GGN(logits, lambda z: (z**2).sum(), W)):
+        before = len(calls)
+        J = op.jacobian
+        assert len(calls) == before  # shares the operator's linearization
+        torch.testing.assert_close(J.to_dense(), ref)
+        u = torch.randn(J.shape[0], dtype=torch.float64)
+        torch.testing.assert_close(J.T @ u, ref.T @ u)
+        torch.testing.assert_close(J.value, op.value)

@@ -40,6 +40,12 @@ def _problem(loss_key, device, act=nn.Tanh, seed=0):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(3, 4), act(), nn.Linear(4, out_dim)).to(device, F64)
+    X, y = inputs_and_targets(kind, out_dim, g)
+    return model, make_loss(), X.to(device), y.to(device)
+
+
+def inputs_and_targets(kind, out_dim, g):
+    """N inputs (N, 3) and targets of the loss's kind: class indices, reals or probabilities."""
     X = torch.randn(N, 3, generator=g, dtype=F64)
     if kind == "index":
         y = torch.randint(0, out_dim, (N,), generator=g)
@@ -47,7 +53,7 @@ def _problem(loss_key, device, act=nn.Tanh, seed=0):
         y = torch.randn(N, out_dim, generator=g, dtype=F64)
     else:
         y = torch.rand(N, out_dim, generator=g, dtype=F64)
-    return model, make_loss(), X.to(device), y.to(device)
+    return X, y
 
 
 def _batches(X, y, splits=SPLITS):

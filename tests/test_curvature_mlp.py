@@ -9,7 +9,15 @@ import copy
 import pytest
 import torch
 from _helpers import DEVICE_PARAMS
-from test_curvature import LOSSES, ref_ef, ref_ggn, ref_hessian
+from test_curvature import (
+    LOSSES,
+    N,
+    _batches,
+    inputs_and_targets,
+    ref_ef,
+    ref_ggn,
+    ref_hessian,
+)
 from torch import nn
 from torch.func import functional_call, grad
 
@@ -19,8 +27,6 @@ from linops.params import ParamSpace
 
 F64 = torch.float64
 K = 3
-N = 12
-SPLITS = (5, 3, 4)
 OPERATORS = {"ggn": GGN, "hessian": Hessian, "ef": EmpiricalFisher}
 REFS = {"ggn": ref_ggn, "hessian": ref_hessian, "ef": ref_ef}
 
@@ -42,18 +48,8 @@ def _mlp_problem(loss_key, device="cpu", act=nn.SiLU, bias=True, seed=0, nested=
     model = nn.Sequential(nn.Linear(3, 5, bias=bias), act(), inner,
                           nn.Linear(4, out_dim, bias=bias))
     model = model.to(device, F64)
-    X = torch.randn(N, 3, generator=g, dtype=F64)
-    if kind == "index":
-        y = torch.randint(0, out_dim, (N,), generator=g)
-    elif kind == "real":
-        y = torch.randn(N, out_dim, generator=g, dtype=F64)
-    else:
-        y = torch.rand(N, out_dim, generator=g, dtype=F64)
+    X, y = inputs_and_targets(kind, out_dim, g)
     return model, make_loss(), X.to(device), y.to(device)
-
-
-def _batches(X, y, splits=SPLITS):
-    return list(zip(torch.split(X, list(splits)), torch.split(y, list(splits))))
 
 
 SUBSETS = {

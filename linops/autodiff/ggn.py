@@ -34,6 +34,15 @@ class _OutputCurvature(FunctionOperator):
         """``f(x)`` (the logits for ``FIM``), detached."""
         return self._lin.out.detach()
 
+    @property
+    def jacobian(self):
+        """J, the Jacobian of ``f`` at ``x``, sharing this operator's linearization (no
+        further forward pass): e.g. the gradient of a loss of the outputs is
+        ``F.jacobian.T @ dloss_dz``."""
+        from .jacobian import Jacobian
+
+        return Jacobian._sharing(self)
+
     def _output_hessian(self, T: torch.Tensor) -> torch.Tensor:
         """H t for tangents ``T`` of shape ``(k, *out.shape)``."""
         raise NotImplementedError

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..operator import LinearOperator
 from ._base import FunctionOperator, evaluate
 from ._linearization import Linearization
 
@@ -60,6 +61,20 @@ class Jacobian(FunctionOperator):
         self._init_point(space, leaves)
         #: the shape of ``f(x)``
         self.out_shape = out.shape
+
+    @classmethod
+    def _sharing(cls, owner) -> Jacobian:
+        """The Jacobian of an operator that already linearized ``f`` at ``x`` (GGN, FIM):
+        it reuses that linearization, so building it runs no forward or backward pass."""
+        J = cls.__new__(cls)
+        J.f = owner.f
+        J._vectorize = owner._vectorize
+        J._lin = owner._lin
+        LinearOperator.__init__(J, owner.dtype, (owner._lin.out.numel(), owner.shape[1]),
+                                owner.device)
+        J._init_point(owner.param_space, owner._lin.leaves)
+        J.out_shape = owner._lin.out.shape
+        return J
 
     @property
     def value(self) -> torch.Tensor:
