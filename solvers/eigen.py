@@ -117,7 +117,7 @@ def _select(vals: torch.Tensor, k: int, which: str) -> torch.Tensor:
 @dispatch
 def eig_rule(A: LinearOperator, k: int, which: str, alg: object) -> EigResult:
     """Generic rule: dense eigendecomposition or an iterative eigensolver."""
-    from .dense_algs import Dense, Eigh
+    from .dense_algs import Dense, Eigh, check_dense_dtype
     from .lanczos import Lanczos, lanczos
     from .lobpcg import LOBPCG, lobpcg
     from .power_iteration import PowerIteration, power_iteration
@@ -125,6 +125,7 @@ def eig_rule(A: LinearOperator, k: int, which: str, alg: object) -> EigResult:
     if isinstance(alg, Auto):
         alg = alg.select(A, "eig")
     if isinstance(alg, (Eigh, Dense)):
+        check_dense_dtype(A.dtype, "eig")
         M = A.to_dense()
         if isinstance(alg, Eigh) or is_self_adjoint(A):
             vals, vecs = torch.linalg.eigh(M)
