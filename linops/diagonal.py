@@ -58,6 +58,18 @@ class Identity(LinearOperator):
     _default_tags = frozenset({"self_adjoint", "psd"})
 
     def __init__(self, n: int, dtype: torch.dtype = torch.float32, device=None):
+        if isinstance(n, torch.dtype) or not isinstance(dtype, torch.dtype):
+            size = dtype if isinstance(n, torch.dtype) else n
+            raise TypeError(
+                f"Identity(n, dtype, device) takes the size first, then the dtype; got "
+                f"Identity({n!r}, {dtype!r}). Write Identity({size!r}, torch.float32), or "
+                "I_like(A) for the identity of A's size, dtype and device."
+            )
+        if isinstance(n, (tuple, list)):
+            raise TypeError(
+                f"Identity takes the size n of the n×n identity, not a shape; got {n!r}: "
+                f"write Identity({n[0] if n else 'n'}, dtype)."
+            )
         super().__init__(dtype, (n, n), device)
         self._tags = self._default_tags
 

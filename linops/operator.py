@@ -7,7 +7,7 @@ import operator
 
 import torch
 
-__all__ = ["LinearOperator", "fmt_scalar"]
+__all__ = ["LinearOperator", "fmt_scalar", "check_operator_dtype"]
 
 
 def fmt_scalar(c) -> str:
@@ -17,6 +17,16 @@ def fmt_scalar(c) -> str:
     if isinstance(c, numbers.Number):
         return f"{c:.4g}" if isinstance(c, float) else str(c)
     return str(c)
+
+
+def check_operator_dtype(dtype: torch.dtype, owner: str = "LinearOperator") -> None:
+    """Raise a ``TypeError`` unless ``dtype`` is a floating or complex dtype."""
+    if not (dtype.is_floating_point or dtype.is_complex):
+        raise TypeError(
+            f"{owner} has dtype {dtype}: operators hold floating-point (or complex) numbers, "
+            "since products, solves and eigenvalues are not integer arithmetic. Convert the "
+            "data first, e.g. M.to(torch.float32) or M.double()."
+        )
 
 
 def _shape_str(shape) -> str:
@@ -46,6 +56,11 @@ class LinearOperator:
     _precedence: int = 2
 
     def __init__(self, dtype: torch.dtype, shape, device=None):
+        if isinstance(shape, torch.dtype) and not isinstance(dtype, torch.dtype):
+            raise TypeError(
+                f"LinearOperator(dtype, shape, device) takes the dtype first; got shape "
+                f"{shape} in the dtype's place: call super().__init__({shape}, {dtype!r})."
+            )
         try:
             shape = tuple(operator.index(s) for s in shape)
         except TypeError:
@@ -58,6 +73,7 @@ class LinearOperator:
             )
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}.")
+        check_operator_dtype(dtype, type(self).__name__)
         self._dtype = dtype
         self._shape = shape
         self._device = torch.device(device if device is not None else "cpu")

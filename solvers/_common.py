@@ -18,6 +18,12 @@ def check_operator(A, fname: str, square: bool = True) -> LinearOperator:
         raise TypeError(f"{fname} takes a LinearOperator, got {type(A).__name__}.")
     if square and not A.is_square():
         raise ValueError(f"{fname} needs a square operator; A has shape {A.shape}.")
+    if A.device.type == "meta":
+        raise ValueError(
+            f"{fname}: A is on the 'meta' device, whose tensors have shapes but no values, so "
+            "there is nothing to solve or decompose. Build A from real data (for a model "
+            "made on 'meta', model.to_empty(device='cpu') and load its weights first)."
+        )
     return A
 
 

@@ -17,13 +17,14 @@ from typing import Any
 import torch
 
 from ._krylov_utils import (
+    KeywordCheck,
     Matmat,
-    as_apply,
     check_every_for,
     check_matmat_output,
     col_norm,
     fmt,
     history_to_cpu,
+    preconditioner_apply,
     prepare_rhs,
     prepare_x0,
     validate_common,
@@ -32,7 +33,7 @@ from .result import Solution, Status, check_on_failure, report
 
 
 @dataclass(frozen=True)
-class SolveConfig:
+class SolveConfig(KeywordCheck):
     """The fields CG and MINRES share (each documents them): tol, atol, max_iters,
     preconditioner, x0, on_failure, check_every."""
 
@@ -84,7 +85,9 @@ class LinearSolve:
         self.B, self.vector = prepare_rhs(B)
         self.n, self.k = self.B.shape
         self.X0 = prepare_x0(alg.x0 if x0 is None else x0, self.B, self.vector)
-        self.M = as_apply(alg.preconditioner if preconditioner is None else preconditioner)
+        self.M = preconditioner_apply(
+            alg.preconditioner if preconditioner is None else preconditioner, self.n, name
+        )
         self.max_iters = alg.max_iters if alg.max_iters is not None else 10 * self.n
         self.check_every = check_every_for(self.B.device, alg.check_every)
         self.bnorm = col_norm(self.B)

@@ -22,6 +22,43 @@ ACCELERATOR_CHECK_EVERY = 10
 
 
 # ------------------------------------------------------------------ config validation
+#: names users bring from scipy, CoLA or GPyTorch, and the one they mean here
+KEYWORD_ALIASES = {
+    "maxiter": "max_iters", "max_iter": "max_iters", "maxiters": "max_iters",
+    "max_iterations": "max_iters", "iters": "max_iters", "rtol": "tol", "M": "preconditioner",
+    "precond": "preconditioner", "P": "preconditioner", "pc": "preconditioner",
+    "x_0": "x0", "callback": None,
+}  # fmt: skip
+
+
+class KeywordCheck:
+    """Mixin for the algorithm configurations (frozen dataclasses): a keyword argument the
+    configuration does not take raises a ``TypeError`` that names the one meant
+    (``CG(maxiter=20)`` → "did you mean max_iters?") and lists the valid ones."""
+
+    def __new__(cls, *args, **kwargs):
+        import dataclasses
+        import difflib
+
+        names = [f.name for f in dataclasses.fields(cls) if f.init]
+        for key in kwargs:
+            if key in names:
+                continue
+            meant = KEYWORD_ALIASES.get(key)
+            if meant not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                meant = close[0] if close else None
+            hint = f" Did you mean {meant}={kwargs[key]!r}?" if meant else ""
+            raise TypeError(
+                f"{cls.__name__} takes no argument {key!r}.{hint} Its arguments are "
+                f"{', '.join(names)}."
+            )
+        if len(args) > len(names):
+            raise TypeError(f"{cls.__name__} takes at most {len(names)} arguments "
+                            f"({', '.join(names)}); got {len(args)}.")
+        return super().__new__(cls)
+
+
 def check_real(owner: str, name: str, value, *, positive: bool = False, example="1e-6"):
     """A finite real number ``≥ 0`` (``> 0`` when ``positive``); return it as a float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -113,6 +150,35 @@ def check_every_for(device: torch.device, check_every: int | None) -> int:
     return 1 if torch.device(device).type == "cpu" else ACCELERATOR_CHECK_EVERY
 
 
+def preconditioner_apply(P, n: int, owner: str) -> Matmat | None:
+    """The preconditioner ``P`` of an n×n system as ``X -> P X`` (or ``None``), its size
+    checked now when it has a shape, and its output checked at every call when it is a
+    plain callable."""
+    if P is None:
+        return None
+    shape = getattr(P, "shape", None)
+    if shape is not None and tuple(shape) != (n, n):
+        raise ValueError(
+            f"{owner}: the preconditioner has shape {tuple(shape)} but A is {n}×{n}; it "
+            f"must approximate A⁻¹, an {n}×{n} operator (e.g. solvers.jacobi(A))."
+        )
+    apply = as_apply(P)
+    if shape is not None:
+        return apply
+
+    def checked(X):
+        Y = apply(X)
+        if not isinstance(Y, torch.Tensor) or Y.shape != X.shape:
+            got = tuple(Y.shape) if isinstance(Y, torch.Tensor) else type(Y).__name__
+            raise ValueError(
+                f"{owner}: the preconditioner callable mapped a block of shape "
+                f"{tuple(X.shape)} to {got}; it must map (n, k) to (n, k), here n = {n}."
+            )
+        return Y
+
+    return checked
+
+
 def as_apply(P) -> Matmat | None:
     """A preconditioner as a function ``X -> P X`` (or ``None``)."""
     if P is None or (callable(P) and not hasattr(P, "__matmul__")):
@@ -123,7 +189,14 @@ def as_apply(P) -> Matmat | None:
 
 
 def check_dtype(name: str, dtype: torch.dtype):
-    if not dtype.is_floating_point or dtype.is_complex:
+    if dtype.is_complex:
+        raise TypeError(
+            f"{name} is complex ({dtype}), but the Krylov kernels run in real arithmetic; "
+            "converting to a real dtype would drop the imaginary part. Solve the real "
+            "system of twice the size, [[Re A, −Im A], [Im A, Re A]] [Re x; Im x] = "
+            "[Re b; Im b], or use a dense method (alg=solvers.Dense()) for a small A."
+        )
+    if not dtype.is_floating_point:
         raise TypeError(
             f"{name} must have a real floating dtype (float32, float64, ...), got {dtype}; "
             "convert with .to(torch.float32) or .double()."
@@ -198,6 +271,18 @@ def random_block(n: int, k: int, dtype, device, seed: int | None) -> torch.Tenso
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return torch.randn(n, k, dtype=dtype, device=device, generator=gen)
+
+
+def symmetry_defect(matmat: Matmat, n: int, dtype, device, seed: int = 0) -> float:
+    """``|uᵀAv − vᵀAu| / (‖u‖‖Av‖ + ‖v‖‖Au‖)`` for two random vectors u, v: 0 for a
+    symmetric A up to rounding (about eps·√n), of order 1 for a generic non-symmetric
+    one. Costs one product with a block of two columns."""
+    UV = random_block(n, 2, dtype, device, seed)
+    AUV = matmat(UV)
+    u, v, Au, Av = UV[:, 0], UV[:, 1], AUV[:, 0], AUV[:, 1]
+    gap = (u @ Av - v @ Au).abs()
+    scale = u.norm() * Av.norm() + v.norm() * Au.norm()
+    return float(gap / scale.clamp_min(torch.finfo(dtype).tiny))
 
 
 #: eigen-solvers test the residual against min(tol, this) (see ``eigen_residual_tol``)

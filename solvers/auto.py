@@ -8,13 +8,15 @@ from dataclasses import dataclass, field
 
 from linops import LinearOperator, is_psd, is_self_adjoint
 
+from ._krylov_utils import KeywordCheck
+
 __all__ = ["Auto"]
 
 _TASKS = ("solve", "eig", "function", "trace")
 
 
 @dataclass(frozen=True)
-class Auto:
+class Auto(KeywordCheck):
     """Choose the algorithm for the operator at hand.
 
     Structural rules (Diagonal, Kronecker, BlockDiag, ...) always come first and are exact.

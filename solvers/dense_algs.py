@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._krylov_utils import col_norm, fmt, prepare_rhs
+from ._krylov_utils import KeywordCheck, col_norm, fmt, prepare_rhs
 from .result import Solution, Status, check_on_failure, report
 
 __all__ = [
@@ -23,13 +23,15 @@ __all__ = [
     "dense_slogdet",
     "dense_apply_unary",
     "select_eigen",
+    "check_dense_dtype",
+    "residual_limit",
 ]
 
 _WHICH = ("LA", "SA", "LM")
 
 
 @dataclass(frozen=True)
-class Cholesky:
+class Cholesky(KeywordCheck):
     """Cholesky factorization ``A = L Lᵀ`` for a symmetric positive definite A.
 
     Cost ``n³/3`` flops after ``n`` products to materialize A. If A is not positive
@@ -50,7 +52,7 @@ class Cholesky:
 
 
 @dataclass(frozen=True)
-class Eigh:
+class Eigh(KeywordCheck):
     """Symmetric eigendecomposition ``A = Q Λ Qᵀ`` (``torch.linalg.eigh``), ``~9n³`` flops.
 
     Solves as ``x = Q Λ⁻¹ Qᵀ b``; gives all eigenpairs and matrix functions ``Q f(Λ) Qᵀ``.
@@ -71,7 +73,7 @@ class Eigh:
 
 
 @dataclass(frozen=True)
-class Dense:
+class Dense(KeywordCheck):
     """General dense methods: LU (``torch.linalg.solve``), ``torch.linalg.eig``, slogdet.
 
     For any square A, symmetric or not; ``2n³/3`` flops for a solve.
@@ -106,6 +108,38 @@ def _check_matrix(A: torch.Tensor, fname: str):
         raise ValueError(f"{fname} takes a square matrix (n, n), got {shape}.")
 
 
+#: dtypes torch.linalg factorizes (LU, Cholesky, eigh) on every device
+_LINALG_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
+
+
+def check_dense_dtype(dtype: torch.dtype, fname: str) -> None:
+    """Raise a ``TypeError`` naming the fix when torch.linalg cannot factorize ``dtype``."""
+    if dtype not in _LINALG_DTYPES:
+        raise TypeError(
+            f"{fname}: the dense methods (LU, Cholesky, eigh) need float32 or float64 (or "
+            f"complex64/128), but A has dtype {dtype}, which torch.linalg does not "
+            "factorize. Convert the operator with A.to(torch.float32) (and back with "
+            f".to({dtype}) afterwards), or use an iterative method."
+        )
+
+
+def residual_limit(dtype: torch.dtype) -> float:
+    """The largest relative residual ‖b − A x‖/‖b‖ a direct solve passes: √eps of the dtype
+    (3.5e-4 in float32, 1.5e-8 in float64). A backward-stable solve of a system it can solve
+    in that precision stays far below; above it A is numerically singular for the dtype."""
+    return torch.finfo(dtype).eps ** 0.5
+
+
+def singular_message(name: str, residual: float, dtype: torch.dtype) -> str:
+    wider = "" if dtype in (torch.float64, torch.complex128) else ", or float64"
+    return (
+        f"{name}: the direct solve left a relative residual ‖b − A x‖/‖b‖ = {fmt(residual)} "
+        f"> √eps = {fmt(residual_limit(dtype))}: A is numerically singular in {dtype} (the "
+        "returned x is not a solution, and may be huge). Add damping (A + λI) or use "
+        f"solvers.pinv(A) for a least-squares solution{wider}."
+    )
+
+
 def _check_alg(alg, allowed, fname: str):
     if not isinstance(alg, allowed):
         names = ", ".join(c.__name__ for c in allowed)
@@ -134,7 +168,10 @@ def dense_solve(A: torch.Tensor, B: torch.Tensor, alg, *, on_failure=None) -> So
     positive definite) falls back to LU with ``Status.BREAKDOWN``. ``Dense``: LU with
     partial pivoting; an exactly singular A gives ``Status.BREAKDOWN``. ``Eigh``:
     ``Q Λ⁻¹ Qᵀ B``; a zero eigenvalue gives ``Status.NONFINITE``. Non-finite input or
-    output gives ``Status.NONFINITE``.
+    output gives ``Status.NONFINITE``. Like the iterative solvers, the result is checked:
+    a relative residual ``‖b − A x‖/‖b‖`` above ``√eps`` of the dtype (A numerically
+    singular) gives ``Status.BREAKDOWN``. float16 and bfloat16 raise a ``TypeError``
+    (torch.linalg does not factorize them).
 
     Args:
         A: the matrix (n, n).
@@ -154,6 +191,7 @@ def dense_solve(A: torch.Tensor, B: torch.Tensor, alg, *, on_failure=None) -> So
             f"A is {tuple(A.shape)} ({A.dtype}, {A.device}) but B is {tuple(B.shape)} "
             f"({B.dtype}, {B.device}); B needs {A.shape[0]} rows and A's dtype and device."
         )
+    check_dense_dtype(A.dtype, "dense_solve")
     name = type(alg).__name__
     status, message = Status.CONVERGED, f"{name}: solved directly."
     if not bool(torch.isfinite(A).all() & torch.isfinite(B2).all()):
@@ -192,6 +230,9 @@ def dense_solve(A: torch.Tensor, B: torch.Tensor, alg, *, on_failure=None) -> So
             f"{fmt(float(residuals.max()))}): A is singular or too ill-conditioned for "
             f"{A.dtype}. Try float64, damping (A + λI) or pinv."
         )
+    elif status is Status.CONVERGED and not float(residuals.max()) <= residual_limit(A.dtype):
+        status = Status.BREAKDOWN
+        message = singular_message(name, float(residuals.max()), A.dtype)
     value = X[:, 0] if vector else X
     sol = Solution(value, status, 0, residuals, alg, message)
     return report(sol, on_failure)
@@ -220,6 +261,7 @@ def dense_eigh(
     k = n if k is None else k
     if not isinstance(k, int) or not 1 <= k <= n:
         raise ValueError(f"dense_eigh: k must be an int in [1, {n}], got {k!r}.")
+    check_dense_dtype(A.dtype, "dense_eigh")
     if not bool(torch.isfinite(A).all()):
         vals = torch.full((k,), float("nan"), dtype=A.dtype, device=A.device)
         vecs = torch.full((n, k), float("nan"), dtype=A.dtype, device=A.device)
@@ -242,6 +284,7 @@ def dense_slogdet(A: torch.Tensor, alg=None) -> tuple[torch.Tensor, torch.Tensor
     _check_matrix(A, "dense_slogdet")
     alg = Dense() if alg is None else alg
     _check_alg(alg, (Cholesky, Dense, Eigh), "dense_slogdet")
+    check_dense_dtype(A.dtype, "dense_slogdet")
     if isinstance(alg, Cholesky):
         L, info = torch.linalg.cholesky_ex(A)
         if int(info) == 0:
@@ -259,5 +302,6 @@ def dense_apply_unary(A: torch.Tensor, fn, alg=None) -> torch.Tensor:
     _check_matrix(A, "dense_apply_unary")
     alg = Eigh() if alg is None else alg
     _check_alg(alg, (Eigh, Dense), "dense_apply_unary")
+    check_dense_dtype(A.dtype, "dense_apply_unary")
     lam, Q = torch.linalg.eigh(A)
     return (Q * fn(lam)) @ Q.mT

@@ -12,6 +12,7 @@ import torch
 
 from ._krylov_loop import LinearSolve, columns, host_says_stop
 from ._krylov_utils import (
+    KeywordCheck,
     Matmat,
     check_matmat_output,
     check_positive_int,
@@ -25,7 +26,7 @@ __all__ = ["GMRES", "gmres"]
 
 
 @dataclass(frozen=True)
-class GMRES:
+class GMRES(KeywordCheck):
     """Restarted GMRES(m) for ``A X = B`` with A square, not necessarily symmetric.
 
     Stopping rule, per column: ``‖b − A x‖ ≤ tol·‖b‖ + atol``. Inside a cycle the

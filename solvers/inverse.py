@@ -131,7 +131,8 @@ class InverseOperator(LinearOperator):
         self.alg = alg
         self.x0 = x0
         self.solution = None
-        self._factor = None
+        self._factor = self._dense = None
+        self._symmetric_checked = False
         tags = set()
         if is_self_adjoint(A):
             tags.add("self_adjoint")
@@ -186,6 +187,8 @@ class InverseOperator(LinearOperator):
         with torch.no_grad():
             if isinstance(alg, (CG, MINRES, GMRES)):
                 kernel = {CG: cg, MINRES: minres, GMRES: gmres}[type(alg)]
+                if isinstance(alg, (CG, MINRES)):
+                    self._check_symmetric()
                 pre = alg.preconditioner
                 if isinstance(pre, LinearOperator):
                     _check_preconditioner(pre, self.A)
@@ -200,44 +203,92 @@ class InverseOperator(LinearOperator):
                 self.solution = sol
                 report(sol, alg.on_failure)
                 return sol.value
-            if isinstance(alg, Cholesky):
-                if self._factor is None:
-                    M = self.A.to_dense()
-                    L, info = torch.linalg.cholesky_ex(M)
-                    if bool(info != 0):
-                        raise ValueError(
-                            "Cholesky failed: the operator is not positive definite (it may "
-                            "be tagged PSD but singular or indefinite). Add a damping term "
-                            "c·I_like(A), or use alg=solvers.Dense() (LU)."
-                        )
-                    self._factor = L
-                return self._dense_checked(torch.cholesky_solve(B, self._factor), B)
-            if isinstance(alg, (Dense, Eigh)):
-                if self._factor is None:
-                    LU, piv, info = torch.linalg.lu_factor_ex(self.A.to_dense())
-                    if bool(info != 0):
-                        raise ValueError("The operator is singular (LU found a zero pivot); "
-                                         "use solvers.pinv(A) for a least-squares solution.")
-                    self._factor = (LU, piv)
-                return self._dense_checked(torch.linalg.lu_solve(*self._factor, B), B)
+            if isinstance(alg, (Cholesky, Dense, Eigh)):
+                return self._dense_solve(B)
         raise TypeError(
             f"inv cannot run {type(alg).__name__}: use Auto, CG, MINRES, GMRES, Cholesky or "
             "Dense."
         )
 
+    def _check_symmetric(self):
+        """CG and MINRES assume a symmetric A: probe an untagged one once (one product
+        with two random columns) and raise if it is clearly not symmetric."""
+        from ._krylov_utils import symmetry_defect
 
-    def _dense_checked(self, X, B):
-        """Record a dense solve; non-finite input or output is reported, never silent."""
+        if self._symmetric_checked or is_self_adjoint(self.A):
+            return
+        defect = symmetry_defect(self.A._matmat, self.shape[0], self.dtype, self.device)
+        if not defect <= torch.finfo(self.dtype).eps ** 0.5:
+            name = type(self.alg).__name__
+            raise ValueError(
+                f"{name} needs a symmetric A, but A is not: for random u, v, "
+                f"|uᵀAv − vᵀAu| is {defect:.2g} of its scale. Use alg=solvers.GMRES() (or "
+                "Auto(), which picks GMRES for an untagged operator) for a non-symmetric A. "
+                "If A is symmetric, tag it with linops.SelfAdjoint(A) (or linops.PSD(A))."
+            )
+        self._symmetric_checked = True
+
+    def _dense_solve(self, B):
+        """A factorization of the materialized A (kept for later solves), then a checked solve."""
+        from .dense_algs import Cholesky, check_dense_dtype
+
+        if self._factor is None:
+            check_dense_dtype(self.dtype, f"inv with alg={type(self.alg).__name__}()")
+            M = self.A.to_dense()
+            if not bool(torch.isfinite(M).all()):
+                return self._dense_checked(torch.full_like(B, float("nan")), B, finite_A=False)
+            if isinstance(self.alg, Cholesky):
+                L, info = torch.linalg.cholesky_ex(M)
+                if bool(info != 0):
+                    raise ValueError(
+                        "Cholesky failed: the operator is not positive definite (it may "
+                        "be tagged PSD but singular or indefinite). Add a damping term "
+                        "c·I_like(A), or use alg=solvers.Dense() (LU)."
+                    )
+                self._factor = L
+            else:
+                LU, piv, info = torch.linalg.lu_factor_ex(M)
+                if bool(info != 0):
+                    raise ValueError("The operator is singular (LU found a zero pivot); "
+                                     "use solvers.pinv(A) for a least-squares solution.")
+                self._factor = (LU, piv)
+            self._dense = M
+        if isinstance(self.alg, Cholesky):
+            X = torch.cholesky_solve(B, self._factor)
+        else:
+            X = torch.linalg.lu_solve(*self._factor, B)
+        return self._dense_checked(X, B)
+
+    def _dense_checked(self, X, B, finite_A: bool = True):
+        """Record a dense solve and check it like the iterative ones: a non-finite A or x,
+        or a relative residual ‖b − A x‖/‖b‖ above √eps of the dtype (A numerically
+        singular), is a status that is reported, never silent."""
+        from ._krylov_utils import col_norm
+        from .dense_algs import residual_limit, singular_message
         from .result import Solution, Status
 
-        finite = bool(torch.isfinite(X).all())
-        self.solution = Solution(
-            value=X, status=Status.CONVERGED if finite else Status.NONFINITE, iterations=0,
-            residuals=torch.zeros(1, X.shape[1], dtype=torch.float64), algorithm=self.alg,
-            message="direct solve" if finite else (
-                "the dense solve produced non-finite values: check b and A for NaN/inf, "
-                "or A for (near) singularity."),
-        )
+        name = type(self.alg).__name__
+        if not finite_A:
+            res = torch.full((X.shape[1],), float("nan"), dtype=torch.float64)
+            status = Status.NONFINITE
+            message = (f"{name}: the operator holds NaN or infinity (A.to_dense() is not "
+                       "finite), so nothing was solved; check how A was built.")
+        else:
+            bnorm = col_norm(B)
+            res = col_norm(B - self._dense @ X) / torch.where(bnorm > 0, bnorm, 1)
+            res = res.to(device="cpu", dtype=torch.float64)
+            worst = float(res.max())
+            if not bool(torch.isfinite(X).all()):
+                status = Status.NONFINITE
+                message = (f"{name}: the dense solve produced non-finite values: check b for "
+                           "NaN/inf, or A for (near) singularity (add damping, or use pinv).")
+            elif not worst <= residual_limit(self.dtype):
+                status, message = Status.BREAKDOWN, singular_message(name, worst, self.dtype)
+            else:
+                status = Status.CONVERGED
+                message = f"{name}: direct solve, relative residual {worst:.3g}."
+        self.solution = Solution(value=X, status=status, iterations=0, residuals=res[None],
+                                 algorithm=self.alg, message=message)
         report(self.solution, getattr(self.alg, "on_failure", "warn"))
         return X
 

@@ -58,10 +58,12 @@ def slogdet(A: LinearOperator, alg=None) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def logdet(A: LinearOperator, alg=None) -> torch.Tensor:
-    """log det A; NaN where det A < 0 (as ``torch.logdet``), −inf where A is singular."""
+    """log det A; NaN where det A < 0 (as ``torch.logdet``), −inf where A is singular, NaN
+    where A holds NaN (``slogdet`` then gives ``(0, nan)``, as ``torch.linalg.slogdet``)."""
     sign, logabs = slogdet(A, alg)
-    return torch.where(sign > 0, logabs,
-                       torch.where(sign == 0, -torch.inf, torch.nan).to(logabs.dtype))
+    nan = torch.tensor(torch.nan, dtype=logabs.dtype, device=logabs.device)
+    out = torch.where(sign > 0, logabs, torch.where(sign == 0, -torch.inf, nan))
+    return torch.where(torch.isnan(logabs), nan, out)
 
 
 def _real(x):
@@ -78,7 +80,7 @@ def _pair(sign, logabs, like: LinearOperator):
 @dispatch
 def slogdet_rule(A: LinearOperator, alg: object) -> tuple:
     """Generic: dense below the threshold, SLQ above (PSD only)."""
-    from .dense_algs import Cholesky
+    from .dense_algs import Cholesky, check_dense_dtype
 
     if isinstance(alg, SLQ):
         return _slq(A, alg)
@@ -91,6 +93,7 @@ def slogdet_rule(A: LinearOperator, alg: object) -> tuple:
                     "Auto(dense_threshold=...) to use a dense factorization."
                 )
             return _slq(A, SLQ())
+    check_dense_dtype(A.dtype, "slogdet")
     M = A.to_dense()
     if isinstance(alg, Cholesky) or (isinstance(alg, Auto) and is_psd(A)):
         L, info = torch.linalg.cholesky_ex(M)

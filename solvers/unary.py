@@ -110,7 +110,7 @@ def _finite(values: torch.Tensor, eigenvalues) -> torch.Tensor:
 def unary_rule(f: object, A: LinearOperator, alg: object) -> LinearOperator:
     """Generic f(A): dense eigh below the threshold, Lanczos products above."""
     from .dense_algs import Dense as DenseAlg
-    from .dense_algs import Eigh
+    from .dense_algs import Eigh, check_dense_dtype
     from .lanczos import Lanczos
 
     if isinstance(alg, Auto):
@@ -119,6 +119,7 @@ def unary_rule(f: object, A: LinearOperator, alg: object) -> LinearOperator:
         if not is_self_adjoint(A):
             raise ValueError("apply_unary needs a self-adjoint operator (tag it with "
                              "linops.SelfAdjoint or linops.PSD if it is).")
+        check_dense_dtype(A.dtype, "apply_unary")
         vals, vecs = torch.linalg.eigh(A.to_dense())
         if is_psd(A):  # rounding can leave eigenvalues of a singular PSD A at -1e-17
             vals = vals.clamp_min(0)
