@@ -3,7 +3,7 @@
 See ``solvers`` for the algorithms and functions (the verbs) that act on them.
 """
 
-from . import curvature
+from . import curvature, data
 from ._dispatch import dispatch
 from .algebra import Product, ScalarMul, Sum, Transpose
 from .autodiff import FIM, GGN, Hessian, Jacobian
@@ -48,4 +48,5 @@ __all__ = [
     "FIM",
     "GGN",
     "curvature",
+    "data",
 ]
