@@ -12,7 +12,15 @@ from torch import nn
 
 from ..operator import LinearOperator
 from ..params import ParamSpace
-from ._data import Batches, check_eval_mode, progress_bar, require_tqdm, resolve_params
+from ._data import (
+    Batches,
+    check_eval_mode,
+    explain_forward_error,
+    progress_bar,
+    require_terms,
+    require_tqdm,
+    resolve_params,
+)
 from ._mlp import mlp_input_problem, mlp_linearize, mlp_spec
 from .losses import loss_curvature
 
@@ -68,6 +76,11 @@ class CurvatureOperator(LinearOperator):
     backward pass.
 
     No costly check runs by default; ``check_deterministic()`` runs one on request.
+    What the build cannot see: only ``nn.Dropout*`` and batch-norm modules in training mode
+    are detected (and refused unless ``allow_train_mode``); randomness inside ``forward``
+    itself (``F.dropout(x, training=self.training)``, noise from ``torch.rand``, stochastic
+    depth) and data that changes between passes are not. ``check_deterministic()`` finds
+    them: it compares products from fresh passes over the data and raises if they differ.
     """
 
     symbol = "C"
@@ -152,9 +165,12 @@ class CurvatureOperator(LinearOperator):
         names = self.param_space.names
         leaves = [self.params[n].detach().requires_grad_(graph) for n in names]
         with torch.set_grad_enabled(graph):
-            out = torch.func.functional_call(
-                self.model, {**self._frozen, **dict(zip(names, leaves))}, (X,)
-            )
+            try:
+                out = torch.func.functional_call(
+                    self.model, {**self._frozen, **dict(zip(names, leaves))}, (X,)
+                )
+            except (RuntimeError, TypeError, ValueError, IndexError) as err:
+                raise explain_forward_error(self.model, X, self.dtype, err)  # noqa: B904
         if not isinstance(out, torch.Tensor):
             raise TypeError(
                 f"The model returned a {type(out).__name__}; the curvature operators need "
@@ -234,6 +250,7 @@ class CurvatureOperator(LinearOperator):
                 for a, p in zip(acc, part):
                     a.add_(p)
             total = total + self._loss_curv.count(state["loss"])
+        require_terms(self, total)
         out = self.param_space.join(acc, k)
         if self._loss_curv.reduction == "mean":
             out = out / (self._num_terms if self._states is not None else total)
@@ -269,6 +286,7 @@ class CurvatureOperator(LinearOperator):
                     loss_state = self._loss_curv.prepare(out, y)
                     value = value + self._summed_value(out, y, loss_state)
                     total = total + self._loss_curv.count(loss_state)
+                require_terms(self, total)
                 self._loss_value = value / self._scale(total)
         return self._loss_value
 
@@ -300,6 +318,7 @@ class CurvatureOperator(LinearOperator):
             acc = list(part) if acc is None else [a + p for a, p in zip(acc, part)]
             value = value + summed.detach()
             total = total + self._loss_curv.count(loss_state)
+        require_terms(self, total)
         scale = self._scale(total)
         self._loss_value = value / scale
         return self.param_space.join(acc) / scale
