@@ -16,6 +16,7 @@ from .operator import LinearOperator
 from .params import ParamSpace
 from .permutation import Permutation
 from .properties import PSD, SelfAdjoint, is_psd, is_self_adjoint, psd_rule, self_adjoint_rule
+from .scipy_interop import from_scipy
 from .triangular import Triangular
 
 __version__ = "0.1.0"
@@ -48,5 +49,6 @@ __all__ = [
     "FIM",
     "GGN",
     "curvature",
+    "from_scipy",
     "data",
 ]

@@ -341,6 +341,14 @@ class LinearOperator:
         n = self.shape[1]
         return self._matmat(torch.eye(n, dtype=self.dtype, device=self.device))
 
+    def to_scipy(self, dtype=None):
+        """A ``scipy.sparse.linalg.LinearOperator`` of this operator, numpy in and out, so
+        ``eigsh``, ``lsqr``, ``gmres`` run on it; ``dtype`` (numpy) is what scipy sees, the
+        operator's own by default (see ``linops.scipy_interop.to_scipy``)."""
+        from .scipy_interop import to_scipy
+
+        return to_scipy(self, dtype)
+
     def diag(self) -> torch.Tensor:
         """The diagonal, where the structure gives it cheaply (else NotImplementedError)."""
         if not self.is_square():
