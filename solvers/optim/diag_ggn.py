@@ -1,0 +1,94 @@
+"""``DiagGGN``: gradient steps preconditioned by the damped diagonal of the GGN."""
+
+from __future__ import annotations
+
+import torch
+
+import linops
+
+from ._base import CurvatureOptimizer, positive
+
+__all__ = ["DiagGGN"]
+
+
+class DiagGGN(CurvatureOptimizer):
+    """``p ← p − lr · g / (diag(G) + damping)``, elementwise, on each batch.
+
+    The optimizer of BackPACK's diagonal Gauss-Newton example (``DiagGGNMC``,
+    ``STEP_SIZE = 0.05``, ``DAMPING = 1.0``). ``G`` is the generalized Gauss-Newton matrix of
+    the batch's loss ``loss_fn(model(X), y)``; its diagonal, the gradient ``g``, the loss and
+    the outputs all come from one forward pass, the one of the layer-wise engine's
+    ``linops.curvature.DiagGGN`` (``curvature="exact"``: the exact diagonal, back-propagating
+    the loss Hessian's ``C`` square-root columns; ``"mc"``: the Monte-Carlo estimate from
+    ``mc_samples`` labels drawn from the model per sample, unbiased for the exact one).
+
+    Args:
+        model: the ``nn.Module`` to train (in eval mode if it has dropout or batch norm).
+        loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss``.
+        lr: the step size (> 0; per group).
+        damping: added to the diagonal (> 0; per group).
+        curvature: ``"mc"`` (BackPACK's ``DiagGGNMC``) or ``"exact"`` (``DiagGGNExact``).
+        mc_samples: the number of draws per sample for ``"mc"`` (≥ 1).
+        seed: the draws' seed: step ``t`` (counted from 1) uses ``seed + t − 1``; None
+            draws each step's seed from torch's global generator (``torch.manual_seed``
+            makes a run repeatable).
+        params: None (every trainable parameter of ``model``), parameters of ``model``, or
+            parameter groups with their own ``lr`` and ``damping``.
+        allow_train_mode: step even with dropout or batch norm in training mode (the
+            optimizer's check; the curvature engine may still refuse).
+
+    ``opt.step((X, y))`` returns ``(loss, outputs)`` before the update. ``opt.last``:
+    ``diag_min``, ``diag_max``, ``diag_mean`` (of ``diag(G)``), ``grad_norm``,
+    ``step_norm`` (of ``g / (diag(G) + damping)``), ``seed`` (for ``"mc"``).
+    """
+
+    _checks = {"lr": positive, "damping": positive}
+
+    def __init__(self, model, loss_fn, lr: float = 0.05, damping: float = 1.0, *,
+                 curvature: str = "mc", mc_samples: int = 1, seed: int | None = None,
+                 params=None, allow_train_mode: bool = False):
+        if curvature not in ("mc", "exact"):
+            raise ValueError(f"curvature must be 'mc' (Monte-Carlo, BackPACK's DiagGGNMC) or "
+                             f"'exact' (DiagGGNExact); got {curvature!r}.")
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples must be a positive integer; got {mc_samples!r}.")
+        if curvature == "exact" and mc_samples != 1:
+            raise ValueError("mc_samples applies to curvature='mc'; the exact diagonal draws "
+                             "nothing (leave mc_samples at its default).")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be None or an integer; got {seed!r}.")
+        self.curvature = curvature
+        self.mc_samples = mc_samples
+        self.seed = seed
+        super().__init__(model, loss_fn, params, dict(lr=lr, damping=damping),
+                         allow_train_mode=allow_train_mode)
+
+    def _update(self, chosen, batch):
+        engine = getattr(linops.curvature, "DiagGGN", None)
+        if engine is None:  # pragma: no cover - until the layer-wise engine lands
+            raise RuntimeError(
+                "solvers.optim.DiagGGN needs linops.curvature.DiagGGN (the layer-wise "
+                "engine), which this linops does not have yet. Use GaussNewton or CGNewton "
+                "meanwhile."
+            )
+        named = {n: p for n, p, _ in chosen}
+        seed = None
+        if self.curvature == "mc":
+            if self.seed is None:
+                seed = int(torch.randint(0, 2**31 - 1, ()).item())
+            else:
+                seed = self.seed + self.steps - 1
+        D = engine(self.model, self.loss_fn, batch, params=named,
+                   mc_samples=self.mc_samples if self.curvature == "mc" else None, seed=seed)
+        diag = D.d if isinstance(D, linops.Diagonal) else D.diag()
+        g = D.gradient
+        damping = torch.cat([torch.full((p.numel(),), grp["damping"], dtype=g.dtype,
+                                        device=g.device) for _, p, grp in chosen])
+        direction = g / (diag + damping)
+        self._write(chosen, direction, sign=-1.0)
+        last = dict(
+            diag_min=float(diag.min()), diag_max=float(diag.max()),
+            diag_mean=float(diag.mean()), grad_norm=float(torch.linalg.vector_norm(g)),
+            step_norm=float(torch.linalg.vector_norm(direction)), seed=seed,
+        )
+        return D.loss, D.output.detach(), last
