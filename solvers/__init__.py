@@ -12,7 +12,7 @@ from . import optim
 from .auto import Auto
 from .cg import CG
 from .dense_algs import Cholesky, Dense, Eigh
-from .eigen import EigResult, eig, eig_rule, eigmax, eigmin
+from .eigen import EigResult, cond, eig, eig_rule, eigmax, eigmin
 from .estimators import Hutchinson, HutchPP
 from .gmres import GMRES
 from .inverse import InverseOperator, inv, inv_rule, pinv, pinv_rule, solve
@@ -29,7 +29,7 @@ from .unary import apply_unary, exp, isqrt, log, pow, sqrt, unary_rule
 __all__ = [
     "Auto", "CG", "MINRES", "GMRES", "Lanczos", "PowerIteration", "LOBPCG", "Cholesky",
     "Eigh", "Dense", "Hutchinson", "HutchPP", "SLQ",
-    "inv", "solve", "pinv", "eig", "eigmax", "eigmin", "EigResult", "trace", "diag",
+    "inv", "solve", "pinv", "eig", "eigmax", "eigmin", "cond", "EigResult", "trace", "diag",
     "logdet", "slogdet", "sqrt", "isqrt", "exp", "log", "pow", "apply_unary",
     "jacobi", "nystrom", "pivoted_cholesky",
     "Solution", "Status", "NotConvergedError", "NotConvergedWarning", "InverseOperator",

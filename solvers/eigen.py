@@ -22,6 +22,7 @@ from linops import (
     SelfAdjoint,
     Sum,
     dispatch,
+    is_psd,
     is_self_adjoint,
 )
 
@@ -29,14 +30,15 @@ from ._common import check_alg, check_operator
 from .auto import Auto
 from .result import report
 
-__all__ = ["eig", "eigmax", "eigmin", "eig_rule", "EigResult"]
+__all__ = ["eig", "eigmax", "eigmin", "cond", "eig_rule", "EigResult"]
 
 _WHICH = ("LA", "SA", "LM")
 
 
 class EigResult(tuple):
     """``(eigenvalues (k,), eigenvectors (n, k))``; ``.solution`` is the iterative record
-    (None for exact structural or dense results)."""
+    (None for exact structural or dense results); ``.num_converged`` says how many of the
+    k pairs, most wanted first, the solver is sure of (all k for exact results)."""
 
     solution = None
 
@@ -44,6 +46,16 @@ class EigResult(tuple):
         self = super().__new__(cls, (values, vectors))
         self.solution = solution
         return self
+
+    @property
+    def num_converged(self) -> int:
+        """The number of leading wanted pairs that pass the solver's residual test (k when
+        it converged or the result is exact)."""
+        k = int(self[0].shape[0])
+        if self.solution is None:
+            return k
+        return int(self.solution.info.get("converged_count",
+                                          k if self.solution.converged else 0))
 
     @property
     def values(self):
@@ -63,12 +75,17 @@ def eig(A: LinearOperator, k: int = 1, which: str = "LA", alg=None) -> EigResult
             (``linops.SelfAdjoint``/``PSD`` tags, or structure such as Jᵀ H J).
         k: how many eigenpairs, 1 ≤ k ≤ n; ``k=None`` for all (dense).
         which: 'LA', 'SA' or 'LM'.
-        alg: ``Auto()`` (dense ``Eigh`` up to ``dense_threshold``, ``Lanczos`` above),
-            ``Lanczos``, ``LOBPCG``, ``PowerIteration`` (k=1, which='LM'), ``Eigh``, ``Dense``.
+        alg: ``Auto()`` (dense ``Eigh`` up to ``dense_threshold``, ``Lanczos`` above, with
+            a block of k vectors for k > 1), ``Lanczos``, ``LOBPCG``, ``PowerIteration``
+            (k=1, which='LM'), ``Eigh``, ``Dense``.
 
     Lanczos stops when each wanted Ritz pair's residual ‖A v − θ v‖ ≤ τ·|θ| + 10·eps·max|θ|
     with τ = min(tol, 1e-3) (the cap keeps a loose tol from settling on a neighbouring
-    eigenvalue; see ``solvers.Lanczos``).
+    eigenvalue; see ``solvers.Lanczos``). For k > 1 it runs block Lanczos with a block of
+    k vectors (``Lanczos(block_size=...)`` to change it), which finds eigenvalues repeated
+    up to the block size; ``result.num_converged`` says how many of the k pairs passed the
+    test. The iterative solvers run half-precision operators in float32 (products in the
+    operator's dtype).
 
     Example:
         >>> import torch, linops
@@ -104,6 +121,36 @@ def eigmin(A: LinearOperator, alg=None) -> torch.Tensor:
     res = eig(A, 1, "SA", alg)
     out = res.values[0]
     out.solution = res.solution
+    return out
+
+
+def cond(A: LinearOperator, alg=None) -> torch.Tensor:
+    """The 2-norm condition number κ(A) = λ_max / λ_min of a PSD operator (0-dim tensor).
+
+    ``inf`` when λ_min ≤ 0 (a singular PSD matrix, such as most network curvatures). Costs
+    an ``eigmax`` and an ``eigmin`` (each with ``alg``); the records are
+    ``result.solution = (record of eigmax, record of eigmin)``.
+
+    Raises:
+        ValueError: A is not tagged PSD (``linops.PSD(A)`` if it is; for a general matrix
+            use ``torch.linalg.cond(A.to_dense())``).
+
+    Example:
+        >>> import torch, linops
+        >>> float(cond(linops.PSD(linops.Dense(torch.diag(torch.tensor([1.0, 4.0]))))))
+        4.0
+    """
+    A = check_operator(A, "cond")
+    if not is_psd(A):
+        raise ValueError(
+            "cond(A) needs a positive semi-definite operator: tag A with linops.PSD(A) if it "
+            "is one (GGN and Fisher are); for any other matrix use "
+            "torch.linalg.cond(A.to_dense())."
+        )
+    hi, lo = eigmax(A, alg), eigmin(A, alg)
+    out = torch.where(lo > 0, hi / lo.clamp_min(torch.finfo(lo.dtype).tiny),
+                      torch.full_like(hi, float("inf")))
+    out.solution = (hi.solution, lo.solution)
     return out
 
 

@@ -24,8 +24,9 @@ from ._krylov_utils import (
     fmt,
     random_block,
 )
+from ._precision import floor_eps, in_working_precision
 from .dense_algs import select_eigen
-from .lanczos import _WHICH_NAMES, _check_eig_args
+from .lanczos import _WHICH_NAMES, _check_eig_args, _leading_converged
 from .result import Solution, Status, check_on_failure, report
 
 __all__ = ["LOBPCG", "lobpcg"]
@@ -54,8 +55,9 @@ class LOBPCG:
             convergence when the k-th and (k+1)-th eigenvalues are close, and finds
             repeated eigenvalues.
 
-    Each iteration synchronizes with the host once (a Rayleigh-Ritz problem of size at
-    most ``3·block_size`` is solved in float64 on the CPU).
+    Half-precision operators multiply in their dtype; everything else runs in float32 (see
+    ``solvers._precision``). Each iteration synchronizes with the host once (a Rayleigh-Ritz
+    problem of size at most ``3·block_size`` is solved in float64 on the CPU).
 
     Example:
         >>> import torch
@@ -163,6 +165,11 @@ def lobpcg(
     device = torch.device(device)
     M = as_apply(alg.preconditioner if preconditioner is None else preconditioner)
     max_iters = alg.max_iters if alg.max_iters is not None else 500
+    out_dtype, eps_op = dtype, floor_eps(dtype)
+    matmat, dtype = in_working_precision(matmat, dtype)
+    if M is not None and dtype != out_dtype:
+        M_op = M
+        M = lambda R: M_op(R.to(out_dtype)).to(dtype)  # noqa: E731
     eps = torch.finfo(dtype).eps
     rtol = eigen_residual_tol(alg.tol)
     m = max(k, alg.block_size or k)
@@ -185,6 +192,7 @@ def lobpcg(
 
     def finish(value, status, iterations, rows, message, **info):
         hist = torch.stack(rows).to(dtype=torch.float64)
+        value = tuple(v.to(out_dtype) for v in value)
         sol = Solution(value, status, iterations, hist, alg, message, info)
         return report(sol, on_failure)
 
@@ -223,7 +231,7 @@ def lobpcg(
         if not bool(torch.isfinite(rn).all() & torch.isfinite(theta).all()):
             status = Status.NONFINITE
             break
-        thr = rtol * theta.abs() + 10 * eps * theta.abs().max()
+        thr = rtol * theta.abs() + 10 * eps_op * theta.abs().max()
         conv = rn <= thr
         rows.append(rn[:k] / theta[:k].abs().clamp_min(torch.finfo(torch.float64).tiny))
         if bool(conv[:k].all()):
@@ -278,7 +286,9 @@ def lobpcg(
         )  # fmt: skip
     vals = theta[:k].to(dtype=dtype, device=device)
     vecs = X[:, :k]
-    info = dict(products=products, block_size=m)
+    count = k if status is Status.CONVERGED else _leading_converged(
+        rn[:k].numpy(), thr[:k].numpy(), k)
+    info = dict(products=products, block_size=m, converged_count=count)
     worst = float(rows[-1].max())
     name = _WHICH_NAMES[which]
     if status is Status.CONVERGED:

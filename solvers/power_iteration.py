@@ -15,6 +15,7 @@ from ._krylov_utils import (
     random_block,
     validate_common,
 )
+from ._precision import floor_eps, in_working_precision
 from .result import Solution, Status, check_on_failure, report
 
 __all__ = ["PowerIteration", "power_iteration"]
@@ -27,7 +28,8 @@ class PowerIteration:
     Stopping rule: ``‖A v − λ v‖ ≤ tol·|λ|`` with the Rayleigh quotient ``λ = vᵀ A v``
     (so a negative dominant eigenvalue is found with its sign, and convergence is judged on
     the eigen-residual, not on λ ceasing to change). Converges like ``|λ₂/λ₁|ʲ``; prefer
-    Lanczos when the two largest magnitudes are close.
+    Lanczos when the two largest magnitudes are close. Half-precision operators multiply in
+    their dtype and the iteration runs in float32 (``solvers._precision``).
 
     Args:
         tol: relative tolerance of the eigen-residual (≥ 0).
@@ -106,7 +108,8 @@ def power_iteration(
     device = torch.device(device)
     max_iters = alg.max_iters if alg.max_iters is not None else 1000
     check_every = check_every_for(device, alg.check_every)
-    eps = torch.finfo(dtype).eps
+    out_dtype, eps = dtype, floor_eps(dtype)
+    matmat, dtype = in_working_precision(matmat, dtype)
 
     if v0 is None:
         v = random_block(n, 1, dtype, device, alg.seed)
@@ -118,7 +121,9 @@ def power_iteration(
 
     def done(lam, vec, status, iterations, rows, message, **info):
         hist = torch.stack(rows).to(device="cpu", dtype=torch.float64)[:, None]
-        sol = Solution((lam, vec), status, iterations, hist, alg, message, info)
+        info["converged_count"] = int(status is Status.CONVERGED)
+        sol = Solution((lam.to(out_dtype), vec.to(out_dtype)), status, iterations, hist, alg,
+                       message, info)
         return report(sol, on_failure)
 
     nan_row = torch.full((), float("nan"), dtype=torch.float64, device=device)

@@ -248,3 +248,112 @@ def test_eig_misuse_errors():
         eigmax(Dense(torch.ones(3, 4, dtype=F64)))
     with pytest.raises(TypeError, match="eig cannot run"):
         eig(op, 1, "LA", solvers.CG())
+
+
+# ------------------------------------------------------- repeated eigenvalues (issues 10, 12)
+def _top_repeated(mult=5, n=200):
+    return spectrum_matrix([10.0] * mult + list(np.linspace(0.0, 9.0, n - mult)), seed=4)
+
+
+@pytest.mark.parametrize("alg", [None, Lanczos(seed=0), LOBPCG(seed=0, tol=1e-8, block_size=5)],
+                         ids=["auto", "lanczos", "lobpcg"])
+def test_eig_finds_a_repeated_top_eigenvalue(alg):
+    """eig(A, k=3) with the top eigenvalue repeated 5 times: [10, 10, 10], not [10, 10, 8.99]
+    (single-vector Lanczos sees one copy per Krylov space)."""
+    A = SelfAdjoint(Dense(_top_repeated()))
+    alg = Auto(dense_threshold=0, options={"seed": 0}) if alg is None else alg
+    res = eig(A, k=3, alg=alg)
+    assert res.solution.converged and res.num_converged == 3
+    assert torch.allclose(res.values, torch.full((3,), 10.0, dtype=F64), rtol=1e-6)
+    # the eigenvectors span part of the 5-dimensional eigenspace
+    M = A.to_dense()
+    assert float((M @ res.vectors - 10.0 * res.vectors).norm()) < 1e-4
+
+
+def test_eig_top10_to_1e6_with_repeated_and_clustered_eigenvalues():
+    lam = [5.0, 5.0, 5.0, 4.0, 4.0, 3.9999, 3.5, 3.0, 3.0, 2.9, 2.8] + list(
+        np.linspace(-2.0, 2.5, 289))
+    A = SelfAdjoint(Dense(spectrum_matrix(lam, seed=2)))
+    ref = np.sort(lam)[::-1][:10]
+    for which, want in (("LA", ref), ("SA", np.sort(lam)[:10])):
+        res = eig(A, k=10, which=which, alg=Lanczos(seed=1))
+        assert res.solution.converged and res.num_converged == 10
+        assert np.abs(res.values.numpy() / want - 1).max() <= 1e-6, which
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_eig_top10_of_a_network_to_1e6(curvature):
+    """Top-10 of the Hessian and GGN of a 2,203-parameter tanh MLP, float64, against
+    torch.linalg.eigvalsh of the dense matrices built with torch.func."""
+    from _spectral_nets import small_network
+
+    import linops
+
+    net = small_network()
+    cls = linops.curvature.Hessian if curvature == "hessian" else linops.curvature.GGN
+    op = cls(net["model"], net["loss_fn"], (net["X"], net["y"]))
+    dense = net["H"] if curvature == "hessian" else net["G"]
+    ref = torch.linalg.eigvalsh(dense).flip(0)[:10]
+    res = eig(op, k=10, alg=Auto(dense_threshold=0, options={"seed": 0}))
+    assert res.solution.converged and res.num_converged == 10
+    assert float((res.values / ref - 1).abs().max()) <= 1e-6
+
+
+def test_num_converged_when_the_budget_is_short():
+    A = SelfAdjoint(Dense(_top_repeated()))
+    with pytest.warns(solvers.NotConvergedWarning, match="pass the residual test"):
+        res = eig(A, k=4, alg=Lanczos(seed=0, max_iters=12))
+    assert res.solution.status is Status.MAX_ITERS
+    assert 0 <= res.num_converged < 4
+    assert res.num_converged == res.solution.info["converged_count"]
+    exact = eig(Diagonal(torch.arange(5.0)), k=2)
+    assert exact.num_converged == 2
+
+
+# ------------------------------------------------------------------ half precision (issue 12)
+def _bf16_case(dtype):
+    lam = [100.0] + list(np.linspace(0.0, 50.0, 199))
+    return SelfAdjoint(Dense(spectrum_matrix(lam, seed=0).to(dtype)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("alg", [Lanczos(seed=0), LOBPCG(seed=0), PowerIteration(seed=0, tol=1e-3),
+                                 Auto(dense_threshold=0, options={"seed": 0})],
+                         ids=["lanczos", "lobpcg", "power", "auto"])
+def test_half_precision_krylov_runs_in_float32(alg, dtype):
+    """eigmax in bfloat16 once said CONVERGED with 31.4 for a top eigenvalue of 100 (a false
+    breakdown at bfloat16's threshold); now the Krylov work is float32."""
+    A = _bf16_case(dtype)
+    if isinstance(alg, PowerIteration):
+        res = eig(A, 1, "LM", alg)
+        val, sol = res.values[0], res.solution
+    else:
+        val = eigmax(A, alg)
+        sol = val.solution
+    assert val.dtype == dtype
+    assert sol.converged
+    assert abs(float(val) - 100.0) <= 1.0  # bfloat16 spacing at 100 is 0.5
+
+
+def test_half_precision_top3_within_two_percent():
+    for dtype in (torch.bfloat16, torch.float16):
+        res = eig(_bf16_case(dtype), k=3, alg=Lanczos(seed=0))
+        assert res.solution.converged
+        ref = np.array([100.0, 50.0, 50.0 - 50.0 / 198])
+        assert np.abs(res.values.float().numpy() / ref - 1).max() <= 0.02
+
+
+# ------------------------------------------------------------------ cond
+def test_cond_of_psd_operators():
+    M = spd(300, cond=1e3, seed=1)
+    ref = float(np.linalg.cond(M.numpy()))
+    got = solvers.cond(PSD(Dense(M)))
+    assert abs(float(got) / ref - 1) < 1e-8
+    big = solvers.cond(PSD(Dense(M)), alg=Auto(dense_threshold=0, tol=1e-10,
+                                                options={"seed": 0}))
+    assert abs(float(big) / ref - 1) < 1e-6
+    assert big.solution[0].converged and big.solution[1].converged
+    sing = torch.diag(torch.tensor([0.0, 1.0, 2.0], dtype=F64))
+    assert float(solvers.cond(PSD(Dense(sing)))) == float("inf")
+    with pytest.raises(ValueError, match="linops.PSD"):
+        solvers.cond(SelfAdjoint(Dense(M)))

@@ -107,13 +107,14 @@ def test_lanczos_repeated_and_zero_eigenvalues_by_restart():
     g = torch.Generator().manual_seed(0)
     U = torch.randn(80, 4, dtype=torch.float64, generator=g)
     A = U @ U.T
-    sol = lanczos(matmat_of(A), 80, torch.float64, "cpu", Lanczos(seed=0), k=3, which="SA")
+    sol = lanczos(matmat_of(A), 80, torch.float64, "cpu", Lanczos(seed=0, block_size=1), k=3,
+                  which="SA")
     assert sol.converged and sol.info["restarts"] >= 2
     assert float(sol.value[0].abs().max()) < 1e-10
     # with sparse host checks (the GPU pattern) a breakdown between checks is rolled back
     for every in (3, 4, 7):
-        sparse = lanczos(matmat_of(A), 80, torch.float64, "cpu", Lanczos(seed=0, check_every=every),
-                         k=3, which="SA")  # fmt: skip
+        sparse = lanczos(matmat_of(A), 80, torch.float64, "cpu",
+                         Lanczos(seed=0, check_every=every, block_size=1), k=3, which="SA")
         assert sparse.converged and sparse.iterations == sol.iterations
         assert torch.allclose(sparse.value[0], sol.value[0], atol=1e-12)
         assert sparse.info["products"] >= sol.info["products"]

@@ -1,0 +1,47 @@
+"""A small tanh network and its dense float64 Hessian and GGN, for the spectral tests.
+
+``small_network()`` returns the model, the data, the loss and the dense matrices built with
+``torch.func`` (the Hessian of the loss in the flat parameters; the GGN ``Jᵀ H_out J`` from
+the Jacobian of the outputs and the Hessian of the loss in the outputs), cached per process.
+"""
+
+import functools
+
+import torch
+from torch import nn
+
+F64 = torch.float64
+
+
+@functools.cache
+def small_network(hidden: int = 40, n_data: int = 64, seed: int = 0):
+    """MLP 10 → hidden → hidden → 3 with tanh (2,203 parameters for hidden=40), float64,
+    cross-entropy with mean reduction; returns a dict with model, X, y, loss_fn, H, G."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(10, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+                          nn.Linear(hidden, 3)).to(F64)
+    X = torch.randn(n_data, 10, dtype=F64, generator=g)
+    y = torch.randint(0, 3, (n_data,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    sizes = [p.numel() for _, p in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def unflat(v):
+        return {n: t.reshape(s) for n, t, s in zip(names, torch.split(v, sizes), shapes)}
+
+    def outputs(v):
+        return torch.func.functional_call(model, unflat(v), (X,))
+
+    def loss(v):
+        return loss_fn(outputs(v), y)
+
+    H = torch.func.hessian(loss)(flat)
+    J = torch.func.jacrev(outputs)(flat).reshape(-1, flat.numel())  # (N·C, n)
+    out = outputs(flat).detach()
+    Hout = torch.func.hessian(lambda o: loss_fn(o.reshape(out.shape), y))(out.reshape(-1))
+    G = J.T @ Hout.reshape(J.shape[0], J.shape[0]) @ J
+    return dict(model=model, X=X, y=y, loss_fn=loss_fn, H=(H + H.T) / 2, G=(G + G.T) / 2,
+                n=flat.numel())
