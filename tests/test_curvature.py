@@ -425,10 +425,15 @@ def test_unsupported_losses_and_settings():
         GGN(model, nn.L1Loss(), data)
     with pytest.raises(ValueError, match="reduction='none'"):
         GGN(model, nn.CrossEntropyLoss(reduction="none"), data)
-    with pytest.raises(ValueError, match="label_smoothing"):
-        GGN(model, nn.CrossEntropyLoss(label_smoothing=0.1), data)
-    with pytest.raises(ValueError, match="weight"):
-        GGN(model, nn.CrossEntropyLoss(weight=torch.ones(2, dtype=F64)), data)
+    with pytest.raises(ValueError, match="one weight per class"):
+        GGN(model, nn.CrossEntropyLoss(weight=torch.ones(7, dtype=F64)), data)
+
+    class Doubled(nn.CrossEntropyLoss):
+        def forward(self, a, b):
+            return 2 * super().forward(a, b)
+
+    with pytest.raises(TypeError, match="overrides forward.*plain nn.CrossEntropyLoss"):
+        GGN(model, Doubled(), data)
     with pytest.raises(ValueError, match=r"not parameters of the model.*'weight', 'bias'"):
         GGN(model, nn.CrossEntropyLoss(), data, params={"w": model.weight})
     with pytest.raises(ValueError, match="mc_samples"):

@@ -3,7 +3,9 @@
 from ._base import CurvatureOperator
 from .ggn import GGN, EmpiricalFisher, MCFisher
 from .hessian import Hessian
+from .layers import supported_layers
 from .losses import SUPPORTED_LOSSES, loss_curvature
+from .quantities import QUANTITY_NAMES, quantities
 
 __all__ = [
     "CurvatureOperator",
@@ -13,4 +15,7 @@ __all__ = [
     "MCFisher",
     "SUPPORTED_LOSSES",
     "loss_curvature",
+    "quantities",
+    "QUANTITY_NAMES",
+    "supported_layers",
 ]

@@ -41,17 +41,32 @@ SUPPORTED_LOSSES = ("CrossEntropyLoss", "MSELoss", "BCEWithLogitsLoss")
 def loss_curvature(loss_fn) -> LossCurvature:
     """The closed forms for ``loss_fn``; raises if the loss or its settings are not
     supported."""
-    if isinstance(loss_fn, nn.CrossEntropyLoss):
-        return _CrossEntropy(loss_fn)
-    if isinstance(loss_fn, nn.MSELoss):
-        return _MSE(loss_fn)
-    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
-        return _BCEWithLogits(loss_fn)
+    for cls, impl in ((nn.CrossEntropyLoss, _CrossEntropy), (nn.MSELoss, _MSE),
+                      (nn.BCEWithLogitsLoss, _BCEWithLogits)):
+        if isinstance(loss_fn, cls):
+            _check_unchanged(loss_fn, cls)
+            return impl(loss_fn)
     raise TypeError(
         f"Unsupported loss {type(loss_fn).__name__}: the curvature operators support "
         f"torch.nn.{', torch.nn.'.join(SUPPORTED_LOSSES)} (instances, for example "
         "nn.CrossEntropyLoss())."
     )
+
+
+def _check_unchanged(loss_fn, cls) -> None:
+    """A subclass may compute another loss: accept it only if it changes nothing that
+    computes the value (``forward``, ``__call__``, ``_call_impl``)."""
+    if type(loss_fn) is cls:
+        return
+    changed = [name for name in ("forward", "__call__", "_call_impl")
+               if getattr(type(loss_fn), name) is not getattr(cls, name)]
+    if changed:
+        raise TypeError(
+            f"{type(loss_fn).__name__} subclasses nn.{cls.__name__} but overrides "
+            f"{', '.join(changed)}: the closed-form curvature of nn.{cls.__name__} would be "
+            f"wrong for it. Pass a plain nn.{cls.__name__}(...) (the curvature operators "
+            "support only the loss itself), or wrap the extra computation into the model."
+        )
 
 
 class LossCurvature:
@@ -90,6 +105,13 @@ class LossCurvature:
         """``S`` gradients ``∇_o ℓ(o, ỹ)`` at sampled labels, shape ``(S, *output.shape)``."""
         raise NotImplementedError
 
+    def hessian_sqrt(self, state: dict) -> torch.Tensor:
+        """``V`` of shape ``(M, *output.shape)`` with ``Σ_m v_mn v_mnᵀ = ∇²_o ℓ_n`` for every
+        sample n (M = the output entries per sample; each column lives on one sample's
+        entries, so the samples stay separate): the columns the exact diagonal GGN and the
+        square-root GGN back-propagate."""
+        raise NotImplementedError
+
     def summed_loss(self, output: torch.Tensor, target: torch.Tensor, state: dict):
         """The batch's loss summed over its terms, differentiable in ``output``."""
         value = self.loss_fn(output, self._loss_target(target))
@@ -123,19 +145,21 @@ class LossCurvature:
 
 
 class _CrossEntropy(LossCurvature):
+    """Cross entropy with class weights ``w`` and label smoothing ``ε``, as PyTorch.
+
+    Sample n's (or position's) loss is ``−Σ_c q_c log p_c`` with the weighted soft target
+    ``q_c = (1 − ε) w_y δ_cy + ε w_c / C`` (class indices; zero at ``ignore_index``) or
+    ``q_c = w_c ((1 − ε) y_c + ε / C)`` (class probabilities ``y``). With ``s = Σ_c q_c``
+    its gradient in the logits is ``s p − q`` and its Hessian ``s (diag(p) − p pᵀ)``. A
+    mean divides by ``Σ_n w_{y_n}`` over the targets that are not ignored (class
+    indices) or by the number of rows (probabilities), as PyTorch does.
+    """
+
     def __init__(self, loss_fn):
         super().__init__(loss_fn)
-        if loss_fn.weight is not None:
-            raise ValueError(
-                "CrossEntropyLoss(weight=...) is not supported by the curvature operators; "
-                "use an unweighted loss."
-            )
-        if loss_fn.label_smoothing != 0:
-            raise ValueError(
-                "CrossEntropyLoss(label_smoothing=...) is not supported by the curvature "
-                "operators; use label_smoothing=0 (or soft probability targets)."
-            )
         self.ignore_index = loss_fn.ignore_index
+        self.smoothing = float(loss_fn.label_smoothing)
+        self.class_weight = loss_fn.weight
 
     def prepare(self, output, target):
         if output.ndim < 2:
@@ -145,8 +169,18 @@ class _CrossEntropy(LossCurvature):
                 "logit per sample use BCEWithLogitsLoss; for a single sample add a batch "
                 "dimension (output[None])."
             )
+        C = output.shape[1]
         probs = torch.softmax(output.detach(), dim=1)
-        wshape = (output.shape[0], 1, *output.shape[2:])
+        cshape = (1, C) + (1,) * (output.ndim - 2)
+        w = self.class_weight
+        if w is not None:
+            if w.shape != (C,):
+                raise ValueError(
+                    f"CrossEntropyLoss(weight=...) has shape {tuple(w.shape)} but the model "
+                    f"output has C={C} classes along dimension 1; pass one weight per class."
+                )
+            w = w.to(dtype=output.dtype, device=output.device).reshape(cshape)
+        eps = self.smoothing
         if target.dtype.is_floating_point:  # class probabilities
             if target.shape != output.shape:
                 raise ValueError(
@@ -160,9 +194,10 @@ class _CrossEntropy(LossCurvature):
                     f"CrossEntropyLoss probability targets have dtype {target.dtype} but "
                     f"the output has {output.dtype}; convert with y.to({output.dtype})."
                 )
-            weight = target.sum(dim=1, keepdim=True)
-            count = output.numel() // output.shape[1]
-            onehot = target
+            q = target if eps == 0 else (1 - eps) * target + eps / C
+            if w is not None:
+                q = q * w
+            count = output.numel() // C
         elif target.dtype == torch.bool or target.dtype.is_complex:
             raise TypeError(
                 f"CrossEntropyLoss needs integer class indices (torch.long) or float class "
@@ -176,37 +211,33 @@ class _CrossEntropy(LossCurvature):
                     f"along dimension 1) needs class-index targets of shape {expected}; got "
                     f"{tuple(target.shape)}."
                 )
-            mask = target != self.ignore_index
-            weight = mask.to(output.dtype).unsqueeze(1)
-            count = mask.sum()
-            onehot = None
-        return {
-            "p": probs, "w": weight.reshape(wshape), "count": count,
-            "target": target, "onehot": onehot, "cdim": 1 - output.ndim,
-        }
+            valid = target != self.ignore_index
+            bad = valid & ((target < 0) | (target >= C))
+            if bool(bad.any()):
+                raise ValueError(
+                    f"CrossEntropyLoss: class-index targets must lie in [0, {C}) (or equal "
+                    f"ignore_index={self.ignore_index}); got values "
+                    f"{sorted(set(target[bad].tolist()))[:5]}."
+                )
+            idx = torch.where(valid, target, 0).long().unsqueeze(1)
+            onehot = torch.zeros_like(probs).scatter_(1, idx, 1.0)
+            mask = valid.to(output.dtype).unsqueeze(1)
+            wy = mask if w is None else mask * (onehot * w).sum(1, keepdim=True)
+            q = (1 - eps) * wy * onehot
+            if eps:
+                q = q + mask * (eps / C) * (1.0 if w is None else w)
+            count = wy.sum()
+        s_ = q.sum(dim=1, keepdim=True)
+        return {"p": probs, "q": q, "s": s_, "count": count, "cdim": 1 - output.ndim}
 
     def hessian_product(self, state, T):
-        return state["w"] * softmax_hessian_product(state["p"], T, dim=state["cdim"])
+        return state["s"] * softmax_hessian_product(state["p"], T, dim=state["cdim"])
 
     def residual(self, state):
-        p, w = state["p"], state["w"]
-        if state["onehot"] is not None:  # probabilities: (Σ_c y_c) p − y
-            return w * p - state["onehot"]
-        target, C = state["target"], p.shape[1]
-        valid = target != self.ignore_index
-        bad = valid & ((target < 0) | (target >= C))
-        if bool(bad.any()):
-            raise ValueError(
-                f"CrossEntropyLoss: class-index targets must lie in [0, {C}) (or equal "
-                f"ignore_index={self.ignore_index}); got values "
-                f"{sorted(set(target[bad].tolist()))[:5]}."
-            )
-        idx = torch.where(valid, target, 0).long().unsqueeze(1)
-        onehot = torch.zeros_like(p).scatter_(1, idx, 1.0)
-        return w * (p - onehot)
+        return state["s"] * state["p"] - state["q"]
 
     def sampled_residuals(self, state, S, generator):
-        p, w = state["p"], state["w"]
+        p, s_ = state["p"], state["s"]
         C = p.shape[1]
         rows = p.movedim(1, -1).reshape(-1, C)
         labels = torch.multinomial(rows, S, replacement=True, generator=generator)  # (R, S)
@@ -214,7 +245,24 @@ class _CrossEntropy(LossCurvature):
         onehot.scatter_(2, labels.mT.unsqueeze(-1), 1.0)
         moved_shape = (S, *p.movedim(1, -1).shape)
         onehot = onehot.reshape(moved_shape).movedim(-1, 2)
-        return w.sqrt() * (p - onehot)
+        return s_.sqrt() * (p - onehot)
+
+    def hessian_sqrt(self, state):
+        # s (diag(p) − p pᵀ) = V Vᵀ with column c = √s (√p_c e_c − p √p_c), at every
+        # position d separately (a column per class and position)
+        p, s_ = state["p"], state["s"]
+        N, C = p.shape[0], p.shape[1]
+        pf = p.reshape(N, C, -1)  # (N, C, D)
+        D = pf.shape[-1]
+        sq = pf.sqrt()
+        eye = torch.eye(C, dtype=p.dtype, device=p.device)
+        cols = sq.unsqueeze(2) * (eye[None, :, :, None] - pf.unsqueeze(1))  # (N, c, i, D)
+        cols = cols * s_.reshape(N, 1, 1, -1).sqrt()
+        # column (c, d) is nonzero at position d only
+        out = torch.zeros(C, D, N, C, D, dtype=p.dtype, device=p.device)
+        idx = torch.arange(D, device=p.device)
+        out[:, idx, :, :, idx] = cols.permute(3, 1, 0, 2)
+        return out.reshape(C * D, *p.shape)
 
     def _loss_target(self, target):
         if target.dtype.is_floating_point:
@@ -239,28 +287,48 @@ class _MSE(LossCurvature):
                           generator=generator)
         return math.sqrt(2.0) * eps
 
+    def hessian_sqrt(self, state):
+        out = state["out"]
+        N = out.shape[0]
+        D = out[0].numel()
+        eye = torch.eye(D, dtype=out.dtype, device=out.device) * math.sqrt(2.0)
+        return eye[:, None, :].expand(D, N, D).reshape(D, *out.shape)
+
 
 class _BCEWithLogits(LossCurvature):
-    def __init__(self, loss_fn):
-        super().__init__(loss_fn)
-        if loss_fn.weight is not None or loss_fn.pos_weight is not None:
-            raise ValueError(
-                "BCEWithLogitsLoss(weight=..., pos_weight=...) is not supported by the "
-                "curvature operators; use an unweighted loss."
-            )
+    """Binary cross entropy with logits, element weights ``w`` and ``pos_weight`` ``π``
+    (broadcast along the last dimension), as PyTorch:
+    ``ℓ = −w [π y log σ(o) + (1 − y) log(1 − σ(o))]``, gradient ``w (c σ − π y)`` and
+    Hessian ``w c σ (1 − σ)`` with ``c = 1 − y + π y``. A mean divides by the number of
+    output entries."""
 
     def prepare(self, output, target):
         self._check_float_target(output, target)
         s = torch.sigmoid(output.detach())
-        return {"count": output.numel(), "s": s, "target": target}
+        w = self.loss_fn.weight
+        pw = self.loss_fn.pos_weight
+        c = torch.ones_like(s) if pw is None else 1 - target + pw.to(s) * target
+        scale = c if w is None else torch.broadcast_to(w.to(s), s.shape) * c
+        wpy = target if pw is None else pw.to(s) * target
+        if w is not None:
+            wpy = wpy * w.to(s)
+        return {"count": output.numel(), "s": s, "scale": scale, "wpy": wpy}
 
     def hessian_product(self, state, T):
-        return sigmoid_hessian_product(state["s"], T)
+        return state["scale"] * sigmoid_hessian_product(state["s"], T)
 
     def residual(self, state):
-        return state["s"] - state["target"]
+        return state["scale"] * state["s"] - state["wpy"]
 
     def sampled_residuals(self, state, S, generator):
         s = state["s"]
         draws = torch.bernoulli(s.expand(S, *s.shape), generator=generator)
-        return s - draws
+        return state["scale"].sqrt() * (s - draws)
+
+    def hessian_sqrt(self, state):
+        s = state["s"]
+        N = s.shape[0]
+        diag = (state["scale"] * s * (1 - s)).sqrt().reshape(N, -1)  # (N, D)
+        D = diag.shape[1]
+        out = torch.diag_embed(diag).permute(2, 0, 1)  # (D, N, D)
+        return out.reshape(D, *s.shape)

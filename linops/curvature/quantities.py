@@ -1,0 +1,663 @@
+"""``quantities``: BackPACK's per-sample, diagonal and square-root curvature quantities.
+
+Every name comes from one engine (``_records.py`` records the layers in one forward pass
+and back-propagates batches of cotangent columns; ``layers/`` turns a layer's input and
+output cotangents into the quantity). The names, shapes and scaling follow BackPACK, so
+a BackPACK user finds what they know. With ``c`` = 1 for ``reduction='sum'`` and the
+number of loss terms over the whole data set for ``'mean'`` (N for N samples of
+``(N, C)`` logits; see ``linops.curvature.losses``), and ``gₙ = ∇_θ ℓₙ`` the gradient of
+sample n's summed loss terms:
+
+=========================  ==========================  ===========================================
+name                       shape per parameter p       value
+=========================  ==========================  ===========================================
+``grad_batch``             (N, *p.shape)               gₙ / c: the per-sample gradient of the loss
+                                                       (Σₙ of it is the gradient)
+``batch_l2``               (N,)                        ‖gₙ / c‖² (per parameter)
+``sum_grad_squared``       p.shape                     Σₙ (gₙ / c)²
+``variance``               p.shape                     Σₙ (gₙ/c)² / N − (Σₙ gₙ/c / N)² (BackPACK's
+                                                       Variance, N the number of samples)
+``diag_ggn_exact``         p.shape                     diag(G), G = (1/c) Σₙ Jₙᵀ ∇²ℓₙ Jₙ
+``diag_ggn_exact_batch``   (N, *p.shape)               diag((1/c) Jₙᵀ ∇²ℓₙ Jₙ) per sample
+``diag_ggn_mc``            p.shape                     diag of the Monte-Carlo GGN: ∇²ℓₙ replaced
+                                                       by (1/S) Σₛ r̃ₛ r̃ₛᵀ at labels drawn from
+                                                       the model (S = ``mc_samples``)
+``diag_ggn_mc_batch``      (N, *p.shape)               the same, per sample
+``diag_h``                 p.shape                     diag of the Hessian of the loss
+``diag_h_batch``           (N, *p.shape)               diag of (1/c) ∇²_θ ℓₙ per sample
+``sqrt_ggn_exact``         (C, N, *p.shape)            V with G = Σ_{m,n} V_mn V_mnᵀ (C = the
+                                                       output entries per sample)
+``sqrt_ggn_mc``            (S, N, *p.shape)            the same for the Monte-Carlo GGN
+=========================  ==========================  ===========================================
+
+"Sample" means index n along the first dimension of the input (and of the model output).
+Over several batches, sums accumulate to the value of the whole data set and per-sample
+names concatenate along the sample dimension.
+
+How each parameter is computed (``supported_layers()`` prints the table): ``nn.Linear``
+(any leading dimensions) and ``nn.Conv1d``/``nn.Conv2d`` by closed forms; any other
+module owning the parameter (Conv3d, transposed convolutions, BatchNorm in eval mode,
+LayerNorm, GroupNorm, Embedding, ...) by ``torch.func`` per-sample ``vjp`` of that module
+alone; a parameter that no module call accounts for (used directly in a parent's
+``forward``, or besides its module's own call) by the per-sample ``vjp`` of the whole
+model. Between the layers, autograd carries the cotangents (activations, pooling,
+residual connections, attention), so no model structure is assumed.
+
+The exact Hessian diagonal adds, to the GGN part, the second-order terms of the
+elementwise activation modules (``nn.Tanh``, ``nn.Sigmoid``, ``nn.SiLU``, ``nn.GELU``,
+...): for each, one cotangent column per unit of the activation's input is
+back-propagated (BackPACK's cost). It is exact when every other operation of the model is
+linear or piecewise linear in its inputs (Linear, convolutions, eval-mode BatchNorm,
+pooling, ReLU, residual additions, reshapes); the graph is checked, and a model with
+another nonlinearity (LayerNorm, attention, a functional ``torch.tanh``) raises and
+points to ``DiagHessian(..., estimator=...)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import nn
+
+from ._data import Batches, check_eval_mode, progress_bar, require_tqdm, resolve_params
+from ._mlp import _activation
+from ._records import backprop, param_owners, record_forward
+from .layers import rule_for
+from .layers._base import MODULE_RULE
+from .layers.conv import ConvRule
+from .layers.linear import LinearRule
+from .losses import loss_curvature
+
+__all__ = ["quantities", "QUANTITY_NAMES", "Engine"]
+
+FIRST_ORDER = ("grad_batch", "batch_l2", "sum_grad_squared", "variance")
+SECOND_ORDER = ("diag_ggn_exact", "diag_ggn_exact_batch", "diag_ggn_mc", "diag_ggn_mc_batch",
+                "diag_h", "diag_h_batch", "sqrt_ggn_exact", "sqrt_ggn_mc")
+#: every name ``quantities`` knows
+QUANTITY_NAMES = FIRST_ORDER + SECOND_ORDER
+#: names with one entry per sample (concatenated over batches, kept in memory)
+PER_SAMPLE = ("grad_batch", "batch_l2", "diag_ggn_exact_batch", "diag_ggn_mc_batch",
+              "diag_h_batch", "sqrt_ggn_exact", "sqrt_ggn_mc")
+_SAMPLE_DIM = {"sqrt_ggn_exact": 1, "sqrt_ggn_mc": 1}
+
+#: at most this many entries in one materialized per-sample tensor (columns are chunked)
+ENTRY_BUDGET = 2**24
+
+#: operations that are linear or piecewise linear in their inputs (no second-order term
+#: on the Hessian diagonal); names of autograd nodes without the trailing digits
+_LINEAR_NODES = frozenset("""
+AccumulateGrad AddmmBackward AddBackward SubBackward MmBackward BmmBackward MvBackward
+ViewBackward UnsafeViewBackward ReshapeAliasBackward AsStridedBackward TBackward
+TransposeBackward PermuteBackward ExpandBackward SqueezeBackward UnsqueezeBackward
+CloneBackward SliceBackward SelectBackward IndexBackward IndexSelectBackward CatBackward
+StackBackward SplitBackward SplitWithSizesBackward UnbindBackward NegBackward SumBackward
+MeanBackward ConvolutionBackward MaxPool2DWithIndicesBackward MaxPool3DWithIndicesBackward
+AvgPool2DBackward AvgPool3DBackward AdaptiveAvgPool2DBackward AdaptiveAvgPool3DBackward
+AdaptiveMaxPool2DBackward AdaptiveMaxPool3DBackward ReluBackward ThresholdBackward
+LeakyReluBackward HardtanhBackward NativeBatchNormBackward CudnnBatchNormBackward
+MiopenBatchNormBackward EmbeddingBackward ToCopyBackward ConstantPadNdBackward
+ReflectionPad1DBackward ReflectionPad2DBackward ReplicationPad1DBackward
+ReplicationPad2DBackward UpsampleNearest2DBackward UpsampleBilinear2DBackward
+AliasBackward MaxBackward MinBackward AmaxBackward AminBackward
+""".split())
+#: bilinear operations: linear when at most one operand depends on the parameters
+_BILINEAR_NODES = frozenset({"MulBackward", "DivBackward"})
+
+
+def _node_kind(node) -> str:
+    return node.name().rsplit("::", 1)[-1].rstrip("0123456789")
+
+
+class Engine:
+    """The model, loss and parameters the quantities are computed for (see
+    ``quantities`` for the arguments)."""
+
+    def __init__(self, model, loss_fn, params=None, *, mc_samples: int = 1, seed=None,
+                 vectorize: bool = True):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples must be a positive integer; got {mc_samples!r}.")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an integer or None; got {seed!r}.")
+        self.loss_curv = loss_curvature(loss_fn)
+        self.model = model
+        self.params = resolve_params(model, params)
+        self.names = list(self.params)
+        dtypes = {p.dtype for p in self.params.values()}
+        if len(dtypes) > 1 or not next(iter(dtypes)).is_floating_point:
+            raise TypeError(f"The parameters must share one real floating dtype; got {dtypes}.")
+        self.dtype = next(iter(dtypes))
+        self.device = next(iter(self.params.values())).device
+        check_eval_mode(model, False)
+        _check_batch_first(model)
+        self.mc_samples = mc_samples
+        self.seed = seed
+        self.vectorize = vectorize
+        self.owners = param_owners(model, self.names)
+        self.tensors = {n: p.detach() for n, p in model.named_parameters()}
+        self.tensors.update({n: p.detach() for n, p in self.params.items()})
+
+    def new_generator(self):
+        if self.seed is None:
+            return None
+        return torch.Generator(device=self.device).manual_seed(self.seed)
+
+    # ------------------------------------------------------------------ one batch
+    def batch(self, X, y, want: set, generator) -> dict:
+        """The raw (unscaled, summed-loss) quantities of one batch: ``{name: {param:
+        tensor}}`` plus ``"_gradient"``, ``"_value"``, ``"_count"``, ``"_N"``,
+        ``"_output"``."""
+        need_h = bool(want & {"diag_h", "diag_h_batch"})
+        rec = record_forward(self.model, self.tensors, self.names, X, self.owners,
+                             activations=need_h)
+        out = rec.output
+        if out.dtype != self.dtype:
+            raise ValueError(
+                f"The model output has dtype {out.dtype} but the parameters have "
+                f"{self.dtype}; make them agree (model.to(dtype), inputs of that dtype)."
+            )
+        N = _num_samples(X, out)
+        loss_state = self.loss_curv.prepare(out, y)
+        plan = _Plan(self, rec, N)
+        plan._input = X
+        if need_h:
+            plan.check_hessian_graph()
+
+        # the cotangent column sets, back-propagated in one batched pass
+        sets = {"grad": self.loss_curv.residual(loss_state).unsqueeze(0)}
+        if want & {"diag_ggn_exact", "diag_ggn_exact_batch", "sqrt_ggn_exact", "diag_h",
+                   "diag_h_batch"}:
+            sets["exact"] = self.loss_curv.hessian_sqrt(loss_state)
+        if want & {"diag_ggn_mc", "diag_ggn_mc_batch", "sqrt_ggn_mc"}:
+            S = self.mc_samples
+            sets["mc"] = self.loss_curv.sampled_residuals(loss_state, S, generator) / S**0.5
+        if want & set(SECOND_ORDER) and out.shape[0] != N:
+            raise ValueError(_rows_message(out, N))
+        plan.propagate(out, sets)
+
+        res = {}
+        for name in want:
+            res[name] = {p: plan.quantity(name, p) for p in self.names}
+        res["_gradient"] = {p: plan.summed("grad", p)[0] for p in self.names}
+        with torch.no_grad():
+            res["_value"] = self.loss_curv.summed_loss(out.detach(), y, loss_state).reshape(())
+        res["_count"] = self.loss_curv.count(loss_state)
+        res["_N"] = N
+        res["_output"] = out.detach()
+        return res
+
+
+def _rows_message(out, N):
+    return (
+        f"The model output has {out.shape[0]} rows but the input holds N={N} samples: "
+        "per-sample second-order quantities need one output row per sample (its columns "
+        "must not mix samples). Return the logits as (N, C, d1, ...) and targets as "
+        "(N, d1, ...) instead of flattening them (CrossEntropyLoss takes extra dimensions)."
+    )
+
+
+def _num_samples(X, out) -> int:
+    if isinstance(X, torch.Tensor):
+        if X.ndim == 0:
+            raise ValueError("The input X is a scalar; per-sample quantities need (N, ...).")
+        return X.shape[0]
+    return out.shape[0]
+
+
+def _check_batch_first(model):
+    for name, m in model.named_modules():
+        if getattr(m, "batch_first", True) is False and any(True for _ in m.parameters()):
+            raise ValueError(
+                f"Module {name or 'model'!r} ({type(m).__name__}) has batch_first=False: the "
+                "layer-wise engine reads samples along dimension 0 of every layer's input. "
+                "Build it with batch_first=True (and feed (N, T, ...) inputs)."
+            )
+
+
+class _Plan:
+    """Which rule computes each parameter in one batch, and the back-propagated
+    cotangents at each recorded layer."""
+
+    def __init__(self, engine: Engine, rec, N: int):
+        self.engine, self.rec, self.N = engine, rec, N
+        self._input = None
+        self._h_cache = {}
+        self.uses = {p: [] for p in engine.names}  # param -> [(index, record, rule, local)]
+        fallback = set()
+        for i, r in enumerate(rec.layers):
+            if r.input.ndim == 0 or r.input.shape[0] != N:
+                raise ValueError(
+                    f"Layer {r.name!r} ({type(r.module).__name__}) received an input of "
+                    f"shape {tuple(r.input.shape)} whose first dimension is not the number "
+                    f"of samples N={N}; per-sample quantities need every layer to take the "
+                    "samples along dimension 0."
+                )
+            rule = rule_for(r.module)
+            if rule.problem(r) is not None:
+                rule = MODULE_RULE
+                if rule.problem(r) is not None:
+                    fallback.update(r.params.values())
+                    continue
+            for local, p in r.params.items():
+                self.uses[p].append((i, r, rule, local))
+        # a parameter used outside its recorded calls (or by no module call) takes the
+        # whole-model rule: a Linear or Conv call adds one graph edge into each of its
+        # parameters, so more edges than calls mean other uses
+        edges = _leaf_edges(rec.output, rec.leaves)
+        for p, uses in self.uses.items():
+            one_edge = all(isinstance(rule, (LinearRule, ConvRule)) for _, _, rule, _ in uses)
+            if not uses or (one_edge and edges.get(p, 0) != len(uses)):
+                fallback.add(p)
+        for p in fallback:
+            self.uses[p] = []
+        self.fallback = [p for p in engine.names if p in fallback]
+        self.cots = {}  # set -> list aligned with rec.layers (M, N, *out) or None
+        self.act_cots = {}
+        self.model_cots = {}
+
+    # ------------------------------------------------------------- propagation
+    def propagate(self, out, sets: dict):
+        names = list(sets)
+        sizes = [sets[k].shape[0] for k in names]
+        cot = torch.cat([sets[k] for k in names]) if len(names) > 1 else sets[names[0]]
+        targets = [r.output for r in self.rec.layers]
+        acts = [a.output for a in self.rec.activations]
+        got = backprop(out, targets + acts, cot, self.engine.vectorize)
+        start = 0
+        for k, size in zip(names, sizes):
+            sl = slice(start, start + size)
+            self.cots[k] = [None if g is None else g[sl] for g in got[:len(targets)]]
+            self.act_cots[k] = [None if g is None else g[sl] for g in got[len(targets):]]
+            self.model_cots[k] = sets[k]
+            start += size
+
+    # ------------------------------------------------------------- per-parameter pieces
+    def _uses(self, p, key):
+        return [(r, rule, local, self.cots[key][i]) for i, r, rule, local in self.uses[p]]
+
+    def per_sample(self, key, p, cols=None) -> torch.Tensor:
+        """(M, N, *p.shape) for the columns ``cols`` (a slice) of set ``key``."""
+        shape = self.engine.params[p].shape
+        if p in self.fallback:
+            cot = self.model_cots[key]
+            cot = cot if cols is None else cot[cols]
+            return self._whole_model(cot)[p]
+        total = None
+        for r, rule, local, c in self._uses(p, key):
+            if c is None:
+                continue
+            c = c if cols is None else c[cols]
+            part = rule.per_sample(r, c)[local]
+            total = part if total is None else total + part
+        if total is None:
+            M = self.model_cots[key].shape[0] if cols is None else len(range(
+                *cols.indices(self.model_cots[key].shape[0])))
+            total = self.engine.params[p].new_zeros((M, self.N, *shape))
+        return total
+
+    def _single(self, p, key):
+        uses = self._uses(p, key) if p not in self.fallback else []
+        live = [u for u in uses if u[3] is not None]
+        return live[0] if len(uses) == 1 and len(live) == 1 else None
+
+    def _chunks(self, key, p):
+        M = self.model_cots[key].shape[0]
+        per = max(1, self.N * self.engine.params[p].numel())
+        step = max(1, ENTRY_BUDGET // per)
+        return [slice(i, min(M, i + step)) for i in range(0, M, step)]
+
+    def summed(self, key, p) -> torch.Tensor:
+        if p in self.fallback:
+            return self.per_sample(key, p).sum(1)
+        total = None
+        for r, rule, local, c in self._uses(p, key):
+            if c is None:
+                continue
+            part = rule.summed(r, c)[local]
+            total = part if total is None else total + part
+        if total is None:
+            M = self.model_cots[key].shape[0]
+            return self.engine.params[p].new_zeros((M, *self.engine.params[p].shape))
+        return total
+
+    def sum_sq(self, key, p, w=None, batch=False) -> torch.Tensor:
+        """Σₘ Σₙ w g² (``batch``: Σₘ only, (N, *p.shape))."""
+        one = self._single(p, key)
+        if one is not None:
+            r, rule, local, c = one
+            fast = (rule.sum_sq_batch if batch else rule.sum_sq)(r, c, w)
+            if fast is not None:
+                return fast[local]
+        acc = None
+        for sl in self._chunks(key, p):
+            g = self.per_sample(key, p, sl)
+            g2 = g * g
+            if w is not None:
+                g2 = g2 * w[sl].reshape(*w[sl].shape, *([1] * (g.ndim - 2)))
+            part = g2.sum(0) if batch else g2.sum((0, 1))
+            acc = part if acc is None else acc + part
+        return acc
+
+    def sq_norm(self, key, p) -> torch.Tensor:
+        one = self._single(p, key)
+        if one is not None:
+            r, rule, local, c = one
+            fast = rule.sq_norm(r, c)
+            if fast is not None:
+                return fast[local]
+        parts = []
+        for sl in self._chunks(key, p):
+            g = self.per_sample(key, p, sl)
+            parts.append((g * g).reshape(g.shape[0], g.shape[1], -1).sum(-1))
+        return torch.cat(parts)
+
+    def _whole_model(self, cot) -> dict:
+        """Per-sample vjp of the whole model for the fallback parameters:
+        ``(M, N, *p.shape)`` each, from cotangents ``(M, N, ...)`` at the output."""
+        eng = self.engine
+        if self.rec.output.shape[0] != self.N:
+            raise ValueError(_rows_message(self.rec.output, self.N))
+        X = self._input
+        fixed = {n: t for n, t in eng.tensors.items() if n not in self.fallback}
+        values = {n: eng.tensors[n] for n in self.fallback}
+
+        def one(x, c):
+            def f(v):
+                return torch.func.functional_call(eng.model, {**fixed, **v}, (x.unsqueeze(0),))
+            _, vjp_fn = torch.func.vjp(f, values)
+            return torch.func.vmap(vjp_fn)(c.unsqueeze(1))[0]
+
+        res = torch.func.vmap(one, in_dims=(0, 1))(X, cot)
+        return {k: v.transpose(0, 1) for k, v in res.items()}
+
+    # ------------------------------------------------------------- the Hessian diagonal
+    def check_hessian_graph(self):
+        """Raise unless every operation outside the recorded activations is linear or
+        piecewise linear (so the activations hold every second-order term)."""
+        if self.fallback:
+            raise ValueError(
+                f"The exact Hessian diagonal needs every parameter in a recorded layer; "
+                f"{self.fallback[:3]} take the whole-model path. Use "
+                "DiagHessian(..., estimator=...) for an estimate."
+            )
+        tied = [p for p, n in _leaf_edges(self.rec.output, self.rec.leaves).items() if n > 1]
+        if tied:
+            raise ValueError(
+                f"The exact Hessian diagonal needs every parameter used once, but "
+                f"{tied[:3]} enter the model several times (weight tying or a module called "
+                "twice), which adds second-order terms between the uses. Use "
+                "DiagHessian(..., estimator=...) for an estimate; every other quantity "
+                "handles tied parameters exactly."
+            )
+        acts = {a.output.grad_fn for a in self.rec.activations}
+        seen, stack = set(), [self.rec.output.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            kind = _node_kind(node)
+            inputs = [fn for fn, _ in node.next_functions if fn is not None]
+            if node not in acts and kind not in _LINEAR_NODES:
+                if not (kind in _BILINEAR_NODES and len(inputs) <= 1):
+                    raise ValueError(
+                        f"The exact Hessian diagonal covers models whose only "
+                        f"nonlinearities are elementwise activation modules, but the graph "
+                        f"holds {node.name()} (an operation with second derivatives the "
+                        "engine does not back-propagate, e.g. LayerNorm, attention, a "
+                        "functional torch.tanh, a product of two activations). Use "
+                        "DiagHessian(..., estimator='xdiag' or 'hutchinson') for an "
+                        "estimate, or replace functional activations by modules."
+                    )
+            stack.extend(inputs)
+
+    def hessian_terms(self, p_list, batch: bool) -> dict:
+        """Σ over activations of Σᵤ Rₙᵤ (∂hₙᵤ/∂θ)² for each parameter (per sample when
+        ``batch``)."""
+        acc = {p: None for p in p_list}
+        grads = self.act_cots["grad"]
+        layer_outputs = [r.output for r in self.rec.layers]
+        for a, g_z in zip(self.rec.activations, grads):
+            if g_z is None:
+                continue
+            h = a.args[0]
+            d2 = _activation(a.module, h.detach(), 2)[2]
+            if d2 is None:
+                continue
+            R = (g_z[0] * d2).reshape(self.N, -1)  # (N, U)
+            U = R.shape[1]
+            step = max(1, min(U, ENTRY_BUDGET // max(1, self.N * U)))
+            for u0 in range(0, U, step):
+                u1 = min(U, u0 + step)
+                cot = h.new_zeros((u1 - u0, self.N, U))
+                cot[torch.arange(u1 - u0), :, torch.arange(u0, u1)] = 1
+                cot = cot.reshape(u1 - u0, *h.shape)
+                got = backprop(h, layer_outputs, cot, self.engine.vectorize)
+                self.cots["_unit"] = got
+                self.model_cots["_unit"] = cot
+                w = R[:, u0:u1].T
+                for p in p_list:
+                    part = self.sum_sq("_unit", p, w, batch)
+                    acc[p] = part if acc[p] is None else acc[p] + part
+        self.cots.pop("_unit", None)
+        self.model_cots.pop("_unit", None)
+        return acc
+
+    # ------------------------------------------------------------- names
+    def quantity(self, name, p):
+        if name == "grad_batch":
+            return self.per_sample("grad", p)[0]
+        if name == "batch_l2":
+            return self.sq_norm("grad", p)[0]
+        if name == "sum_grad_squared":
+            return self.sum_sq("grad", p)
+        if name == "variance":
+            return self.sum_sq("grad", p)  # combined with the gradient when scaled
+        if name in ("diag_ggn_exact", "diag_ggn_mc"):
+            return self.sum_sq(name[9:], p)
+        if name in ("diag_ggn_exact_batch", "diag_ggn_mc_batch"):
+            return self.sum_sq(name[9:-6], p, batch=True)
+        if name in ("sqrt_ggn_exact", "sqrt_ggn_mc"):
+            return self.per_sample(name[9:], p)
+        if name in ("diag_h", "diag_h_batch"):
+            batch = name.endswith("_batch")
+            if p not in self._h_cache.setdefault(batch, {}):
+                terms = self.hessian_terms(self.engine.names, batch)
+                for q in self.engine.names:
+                    ggn = self.sum_sq("exact", q, batch=batch)
+                    self._h_cache[batch][q] = ggn if terms[q] is None else ggn + terms[q]
+            return self._h_cache[batch][p]
+        raise AssertionError(name)
+
+
+def _leaf_edges(output, leaves: dict) -> dict:
+    """How many graph edges end in each parameter leaf."""
+    acc_nodes = {}
+    seen, stack = set(), [output.grad_fn]
+    counts = {}
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for fn, _ in node.next_functions:
+            if fn is None:
+                continue
+            if fn.name() == "torch::autograd::AccumulateGrad":
+                counts[fn] = counts.get(fn, 0) + 1
+            else:
+                stack.append(fn)
+    for fn, c in counts.items():
+        acc_nodes[id(fn.variable)] = c
+    return {p: acc_nodes.get(id(t), 0) for p, t in leaves.items()}
+
+
+# ---------------------------------------------------------------------- the public function
+def _memory_limit(device) -> int:
+    """Bytes the per-sample names may take: half the device's memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 2
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return 8 * 2**30
+
+
+def _expected_samples(data, batches: Batches, first_N: int) -> int | None:
+    if batches.single:
+        return first_N
+    dataset = getattr(data, "dataset", None)
+    if dataset is not None:
+        try:
+            return len(dataset)
+        except TypeError:
+            pass
+    if batches.has_len():
+        return len(batches) * first_N
+    return None
+
+
+def _per_sample_bytes(engine, names, first) -> int:
+    total = 0
+    for name in names:
+        if name in PER_SAMPLE:
+            for t in first[name].values():
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _check_names(names):
+    if isinstance(names, str):
+        names = [names]
+    try:
+        names = list(names)
+    except TypeError:
+        raise TypeError(f"names must be a list of quantity names; got {names!r}.") from None
+    unknown = [n for n in names if n not in QUANTITY_NAMES]
+    if unknown:
+        raise ValueError(
+            f"Unknown quantity name(s) {unknown}; the valid names are: "
+            f"{', '.join(QUANTITY_NAMES)}."
+        )
+    if not names:
+        raise ValueError(f"names is empty; pass some of: {', '.join(QUANTITY_NAMES)}.")
+    return list(dict.fromkeys(names))
+
+
+def run(engine: Engine, data, names, progress: bool = False, extra: bool = False):
+    """Pass over ``data`` computing ``names``; returns ``(results, info)`` with the
+    scaled results and, in ``info``, the loss, flat gradient pieces and the output of a
+    single batch."""
+    want = set(names)
+    batches = Batches(data, engine.device)
+    if progress:
+        require_tqdm()
+    generator = engine.new_generator()
+    acc, per_sample = {}, {n: {} for n in names if n in PER_SAMPLE}
+    grad, value, count, N_total, output = None, 0.0, 0, 0, None
+    limit = _memory_limit(engine.device)
+    total = len(batches) if batches.has_len() else None
+    for i, (X, y) in enumerate(progress_bar(batches, progress, total, "quantities")):
+        res = engine.batch(X, y, want, generator)
+        if i == 0 and per_sample:
+            expected = _expected_samples(data, batches, res["_N"])
+            need = _per_sample_bytes(engine, names, res) / max(1, res["_N"])
+            if expected is not None and need * expected > limit:
+                raise MemoryError(
+                    f"The per-sample names {sorted(per_sample)} over {expected} samples would "
+                    f"take {need * expected / 2**30:.1f} GiB (the limit is half the device "
+                    f"memory, {limit / 2**30:.1f} GiB). Pass fewer batches, a subset of "
+                    "params=, or summed names (sum_grad_squared, diag_ggn_exact, ...)."
+                )
+        for name in names:
+            for p, t in res[name].items():
+                if name in PER_SAMPLE:
+                    per_sample[name].setdefault(p, []).append(t)
+                else:
+                    acc.setdefault(name, {})
+                    acc[name][p] = t if p not in acc[name] else acc[name][p] + t
+        g = res["_gradient"]
+        grad = g if grad is None else {p: grad[p] + g[p] for p in g}
+        value = value + res["_value"]
+        count = count + res["_count"]
+        N_total += res["_N"]
+        output = res["_output"] if batches.single else None
+    c = count if engine.loss_curv.reduction == "mean" else 1
+    c = float(c)
+    if c == 0:
+        raise ValueError("Every target is ignore_index: the loss has no term, its curvature "
+                         "is undefined.")
+    out = {}
+    for name in names:
+        if name in PER_SAMPLE:
+            dim = _SAMPLE_DIM.get(name, 0)
+            out[name] = {p: torch.cat(ts, dim=dim) for p, ts in per_sample[name].items()}
+        else:
+            out[name] = acc[name]
+        power = {"grad_batch": 1, "batch_l2": 2, "sum_grad_squared": 2, "variance": 2}.get(
+            name, 1)
+        scale = c ** power if not name.startswith("sqrt_") else math.sqrt(c)
+        out[name] = {p: t / scale for p, t in out[name].items()}
+        if name == "variance":
+            out[name] = {p: t / N_total - (grad[p] / c / N_total) ** 2
+                         for p, t in out[name].items()}
+    info = {"loss": (value / c).detach(), "gradient": {p: t / c for p, t in grad.items()},
+            "output": output, "num_samples": N_total, "num_terms": count}
+    return out, info
+
+
+def quantities(model, loss_fn, data, names, *, params=None, mc_samples: int = 1, seed=None,
+               progress: bool = False) -> dict:
+    """BackPACK's per-sample and curvature quantities, every name from one engine.
+
+    ``quantities(model, loss_fn, data, names)`` returns ``{name: {param_name: tensor}}``
+    for the names of the table in this module's docstring (``grad_batch``, ``batch_l2``,
+    ``sum_grad_squared``, ``variance``, ``diag_ggn_exact``, ``diag_ggn_exact_batch``,
+    ``diag_ggn_mc``, ``diag_ggn_mc_batch``, ``diag_h``, ``diag_h_batch``,
+    ``sqrt_ggn_exact``, ``sqrt_ggn_mc``), with BackPACK's shapes and scaling.
+
+    Several names in one call share one forward pass and one batched backward pass: the
+    gradient's cotangent, the C columns of the loss Hessian's square root and the
+    ``mc_samples`` sampled columns are back-propagated together, and every name is read
+    from them (the exact Hessian diagonal adds one backward pass per activation module,
+    with a column per unit).
+
+    Args:
+        model: a ``torch.nn.Module`` in eval mode (dropout and batch norm in training
+            mode are refused), taking the samples along dimension 0.
+        loss_fn: ``nn.CrossEntropyLoss`` (with ``weight``, ``label_smoothing``,
+            ``ignore_index``), ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss`` (with ``weight``,
+            ``pos_weight``), reduction ``'mean'`` or ``'sum'``.
+        data: one batch ``(X, y)`` or an iterable of batches (a DataLoader): summed names
+            accumulate to the whole data set's value (a mean divides by the total number
+            of terms), per-sample names concatenate along the sample dimension.
+        names: a list of names (or one name).
+        params: a dict name → tensor, a subset of ``model.named_parameters()``; None
+            for every parameter that requires grad.
+        mc_samples: S, the labels drawn per sample for the ``_mc`` names.
+        seed: seed of those draws (reproducible bit for bit); None uses torch's global
+            generator.
+        progress: a tqdm progress bar over the batches.
+
+    Raises:
+        ValueError: an unknown name (the message lists the valid ones), ``mc_samples <
+            1``, a loss with ``reduction='none'``, a model in training mode; MemoryError:
+            per-sample names that would take more than half the device's memory.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from linops.curvature import quantities
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+        >>> X, y = torch.randn(5, 3, 4), torch.randint(0, 3, (5,))
+        >>> q = quantities(model, nn.CrossEntropyLoss(), (X, y), ["grad_batch", "diag_ggn_mc"])
+        >>> q["grad_batch"]["1.weight"].shape, q["diag_ggn_mc"]["1.bias"].shape
+        (torch.Size([5, 3, 12]), torch.Size([3]))
+    """
+    names = _check_names(names)
+    engine = Engine(model, loss_fn, params, mc_samples=mc_samples, seed=seed)
+    return run(engine, data, names, progress)[0]
