@@ -4,20 +4,23 @@ The heavy lifting of every autodiff and curvature operator, as plain functions o
 tensors. ``out = f(x)`` is evaluated once with ``x`` requiring grad and its graph is kept:
 
 - ``Jᵀ u = autograd.grad(out, x, u)`` (one reverse pass over the kept graph);
-- ``J v`` by the double-backward trick: at build time ``g(w) = Jᵀ w`` is differentiated
-  once with ``create_graph=True`` at a dummy cotangent ``w`` (zeros, requiring grad);
-  ``g`` is linear in ``w``, so ``J v = autograd.grad(g, w, v)`` — a reverse pass over the
-  backward graph, with no forward pass and no forward-mode AD (which not every
-  operation implements).
+- ``J v`` by one of three routes (``Linearization``): forward mode (dual tensors, re-running
+  ``f`` without a graph; k columns share one primal pass), the double-backward trick (at
+  the first product ``g(w) = Jᵀ w`` is differentiated once with ``create_graph=True`` at a
+  dummy cotangent ``w``; ``g`` is linear in ``w``, so ``J v = autograd.grad(g, w, v)`` — a
+  reverse pass over the backward graph, with no forward pass and no forward-mode AD), or
+  ``torch.func.linearize`` (traced once, then the tangent pass alone).
 
 Where an operation's backward cannot be differentiated (``hardsigmoid``, custom functions
-marked ``once_differentiable``), ``J v`` falls back to forward mode (``torch.func.jvp``),
-which re-runs ``f``. Hessian products (``GradientGraph``) are reverse-over-reverse on the
-kept gradient graph, with forward-over-reverse as the fallback.
+marked ``once_differentiable``), the double backward falls back to forward mode, and
+forward mode falls back to the double backward where an operation has no forward-mode
+rule. Hessian products (``GradientGraph``) are reverse-over-reverse on the kept gradient
+graph, with forward-over-reverse as the fallback.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -25,6 +28,8 @@ import torch
 __all__ = [
     "Linearization",
     "GradientGraph",
+    "JVP_ROUTES",
+    "HVP_ROUTES",
     "gradient_with_graph",
     "batched_grad",
     "default_vectorize",
@@ -89,20 +94,42 @@ def batched_grad(
     return [torch.stack(c) for c in zip(*cols)]
 
 
+#: how ``Linearization.jvp`` may compute ``J v``
+JVP_ROUTES = ("auto", "forward mode", "double backward", "linearize")
+
+
 class Linearization:
     """``f`` linearized at ``x``: the kept graph of ``out = f(x)``.
+
+    ``Jᵀ u`` is one reverse pass over the kept graph. ``J v`` takes one of three routes
+    (``route``):
+
+    - ``"double backward"``: differentiate ``g(w) = Jᵀ w`` (built once, lazily, with
+      ``create_graph=True``) in the dummy cotangent ``w``: a reverse pass over the backward
+      graph, no forward pass;
+    - ``"forward mode"``: re-run ``f`` with dual tensors (``torch.autograd.forward_ad``),
+      no graph; k columns in one ``vmap`` of ``torch.func.jvp``, so the primal forward
+      runs once for all of them;
+    - ``"linearize"``: ``torch.func.linearize`` traces the tangent computation once (about
+      a hundred gradients' cost, paid at the first product) and then runs the tangent pass
+      alone, without the primal: the cheapest ``J v`` once its tracing is amortized over
+      many products;
+    - ``"auto"``: forward mode, and double backward where an operation has no forward-mode
+      rule (the choice is made at the first product and kept; ``route_used`` says which).
 
     Args:
         out: ``f(x)``, computed with ``leaves`` requiring grad (graph kept).
         leaves: the tensors of ``x``, leaves of the graph.
         names: their names, for error messages.
-        rerun: ``rerun(tensors) -> out``, re-evaluates ``f`` (used only for the forward-mode
-            fallback of ``jvp``); None disables the fallback.
-        vectorize: k-column products in one vmapped pass (None: ``default_vectorize``).
+        rerun: ``rerun(tensors) -> out``, re-evaluates ``f`` (forward mode and linearize);
+            None allows only the double backward.
+        vectorize: k-column reverse passes in one vmapped pass (None: ``default_vectorize``).
         what: how error messages call the inputs ("x", "parameter").
-
-    Cost: building runs one reverse pass with ``create_graph=True``; ``jvp`` and ``vjp`` run
-    one reverse pass each over the kept graphs.
+        route: one of ``JVP_ROUTES``; ``"double backward"`` (falling back to forward
+            mode where a backward is not differentiable) is the default of the function-level
+            operators.
+        diagnose: ``diagnose() -> str``, a phrase naming what cannot be differentiated,
+            called only when every route failed.
 
     Raises:
         ValueError: if ``out`` does not depend on some input (the message names it).
@@ -116,31 +143,48 @@ class Linearization:
         rerun: Callable | None = None,
         vectorize: bool | None = None,
         what: str = "input",
+        route: str = "double backward",
+        diagnose: Callable[[], str] | None = None,
     ):
+        if route not in JVP_ROUTES:
+            raise ValueError(f"route must be one of {JVP_ROUTES}; got {route!r}.")
+        if route in ("forward mode", "linearize") and rerun is None:
+            raise ValueError(f"route={route!r} needs rerun (it re-evaluates f).")
         self.out = out
         self.leaves = list(leaves)
         self.names = list(names)
         self._rerun = rerun
+        self._diagnose = diagnose
         self.vectorize = default_vectorize(out.device) if vectorize is None else vectorize
-        self._forward_mode = False
+        self.route = route
+        #: the route ``jvp`` took (None before the first product of ``"auto"``)
+        self.route_used = None if route == "auto" else route
+        self._g = None  # the double-backward graph, built on first use
+        self._linear_fn = None
         self._checked = None
+        self._vmap_ok = True
         if not out.requires_grad:
             raise ValueError(
                 f"The output does not depend on any {what} ({_name_list(self.names)}): "
                 "its value carries no gradient. Check that the function uses its argument "
                 "and does not detach it or call .item()/.numpy() on it."
             )
+        if route == "double backward":
+            self._build_double_backward(what)
+        else:
+            reached = _reached_leaves(out)
+            unused = [n for n, t in zip(self.names, self.leaves) if t not in reached]
+            if unused:
+                raise ValueError(_unused_message(what, unused))
+
+    def _build_double_backward(self, what="input"):
         with torch.enable_grad():
-            self._w = torch.zeros_like(out, requires_grad=True)
-            g = torch.autograd.grad(out, self.leaves, self._w, create_graph=True,
+            self._w = torch.zeros_like(self.out, requires_grad=True)
+            g = torch.autograd.grad(self.out, self.leaves, self._w, create_graph=True,
                                     allow_unused=True)
         unused = [n for n, gi in zip(self.names, g) if gi is None]
         if unused:
-            raise ValueError(
-                f"The output does not depend on the {what}(s) {_name_list(unused)}: their "
-                "derivative is structurally zero. Leave them out (pass a subset) or check "
-                "that the function uses them."
-            )
+            raise ValueError(_unused_message(what, unused))
         # entries of g that depend on w (others have a zero derivative, e.g. through sign())
         self._g_idx = [i for i, gi in enumerate(g) if gi.requires_grad]
         self._g = [g[i] for i in self._g_idx]
@@ -149,48 +193,169 @@ class Linearization:
     def jvp(self, V: Sequence[torch.Tensor], k: int) -> torch.Tensor:
         """``J v`` for k tangents: ``V[i]`` has shape ``(k, *leaves[i].shape)``; returns
         ``(k, *out.shape)``."""
-        if not self._forward_mode:
-            if not self._g:
-                return self.out.new_zeros((k, *self.out.shape))
-            if self._checked is None:
-                self._checked = _twice_differentiable(self._g)
-                if not self._checked:
-                    if self._rerun is None:
-                        raise RuntimeError(
-                            "J v needs the backward pass to be differentiable (double "
-                            "backward), but the graph holds a function marked "
-                            "once_differentiable."
-                        )
-                    self._forward_mode = True
-                    return self._jvp_forward(V, k)
+        route = self.route_used
+        if route == "forward mode":
+            return self._jvp_forward(V, k)
+        if route == "linearize":
+            return self._jvp_linearize(V, k)
+        if route == "double backward":
+            return self._jvp_double_backward(V, k)
+        # auto: forward mode, else double backward; the first product decides
+        try:
+            jv = self._jvp_forward(V, k)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as forward_err:
             try:
-                (jv,) = batched_grad(self._g, [self._w], [V[i] for i in self._g_idx], k,
-                                     self.vectorize)
-                return jv
+                jv = self._jvp_double_backward(V, k, fallback=False)
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as err:
-                if self._rerun is None:
-                    raise RuntimeError(
-                        "J v needs the backward pass to be differentiable (double "
-                        f"backward), which failed: {err}"
-                    ) from err
-                self._forward_mode = True
-        return self._jvp_forward(V, k)
+                raise self._no_route_error(forward_err, err) from err
+            self.route_used = "double backward"
+            return jv
+        self.route_used = "forward mode"
+        return jv
+
+    def _no_route_error(self, forward_err, backward_err) -> RuntimeError:
+        where = self._diagnose() if self._diagnose is not None else ""
+        where = f"{where} of the model" if where else "an operation of the model"
+        return RuntimeError(
+            f"J v cannot be computed: {where} can be differentiated neither in forward "
+            f"mode ({_first_line(forward_err)}) nor twice in reverse mode "
+            f"({_first_line(backward_err)}). Write it with differentiable torch operations, "
+            "or give its torch.autograd.Function a jvp (forward-mode) rule or a "
+            "differentiable backward (not @once_differentiable)."
+        )
+
+    def _jvp_double_backward(self, V, k, fallback=True):
+        if self._g is None:
+            self._build_double_backward()
+        if not self._g:
+            return self.out.new_zeros((k, *self.out.shape))
+        if self._checked is None:
+            self._checked = _twice_differentiable(self._g)
+        if not self._checked:
+            if not fallback or self._rerun is None:
+                raise RuntimeError(
+                    "J v needs the backward pass to be differentiable (double "
+                    "backward), but the graph holds a function marked "
+                    "once_differentiable."
+                )
+            self.route_used = "forward mode"
+            return self._jvp_forward(V, k)
+        try:
+            (jv,) = batched_grad(self._g, [self._w], [V[i] for i in self._g_idx], k,
+                                 self.vectorize)
+            return jv
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as err:
+            if not fallback or self._rerun is None:
+                raise RuntimeError(
+                    "J v needs the backward pass to be differentiable (double "
+                    f"backward), which failed: {err}"
+                ) from err
+            self.route_used = "forward mode"
+            return self._jvp_forward(V, k)
+
+    def _primals(self):
+        return [t.detach() for t in self.leaves]
 
     def _jvp_forward(self, V, k):
-        primals = tuple(t.detach() for t in self.leaves)
+        """Forward mode: k = 1 with dual tensors, k > 1 in one vmap of ``torch.func.jvp``
+        (chunks of ``VMAP_CHUNK``), the primal forward once per chunk."""
+        if self._rerun is None:
+            raise RuntimeError("J v in forward mode needs to re-run the function (rerun).")
+        primals = self._primals()
+        if k > 1 and self._vmap_ok:
+            try:
+                return self._jvp_vmapped(primals, V, k)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError:  # an operation without a batching rule: loop instead
+                self._vmap_ok = False
+        return torch.stack([self._jvp_dual(primals, [v[i] for v in V]) for i in range(k)])
+
+    def _jvp_dual(self, primals, tangents):
+        import torch.autograd.forward_ad as fwAD
+
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(p, t) for p, t in zip(primals, tangents)]
+            with torch.no_grad():
+                out = self._rerun(duals)
+            tangent = fwAD.unpack_dual(out).tangent
+        if tangent is None:
+            return self.out.new_zeros(self.out.shape)
+        return tangent
+
+    def _jvp_vmapped(self, primals, V, k):
+        rerun = self._rerun
 
         def f(*tensors):
-            return self._rerun(list(tensors))
+            return rerun(list(tensors))
 
-        cols = [torch.func.jvp(f, primals, tuple(v[i] for v in V))[1] for i in range(k)]
-        return torch.stack(cols)
+        def column(*tangents):
+            return torch.func.jvp(f, tuple(primals), tangents)[1]
+
+        parts = []
+        for i in range(0, k, VMAP_CHUNK):
+            with torch.no_grad(), warnings.catch_warnings():
+                # an operation without a batching rule runs in PyTorch's loop: correct, and
+                # still one primal pass; its performance warning is not the user's business
+                warnings.filterwarnings("ignore", message="There is a performance drop")
+                parts.append(torch.func.vmap(column)(*[v[i:i + VMAP_CHUNK] for v in V]))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _jvp_linearize(self, V, k):
+        if self._linear_fn is None:
+            rerun = self._rerun
+
+            def f(*tensors):
+                return rerun(list(tensors))
+
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Attempted to insert a get_attr")
+                _, self._linear_fn = torch.func.linearize(f, *self._primals())
+        lin = self._linear_fn
+        with torch.no_grad():
+            if k == 1:
+                return lin(*[v[0] for v in V]).unsqueeze(0)
+            return torch.stack([lin(*[v[i] for v in V]) for i in range(k)])
 
     def vjp(self, U: torch.Tensor, k: int) -> list[torch.Tensor]:
         """``Jᵀ u`` for k cotangents ``U`` of shape ``(k, *out.shape)``; returns for each
         leaf a tensor ``(k, *leaf.shape)``."""
         return batched_grad([self.out], self.leaves, [U], k, self.vectorize)
+
+
+def _first_line(err) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _unused_message(what, unused) -> str:
+    return (
+        f"The output does not depend on the {what}(s) {_name_list(unused)}: their "
+        "derivative is structurally zero. Leave them out (pass a subset) or check "
+        "that the function uses them."
+    )
+
+
+def _reached_leaves(out: torch.Tensor) -> set:
+    """The leaf tensors the graph of ``out`` reaches (one walk over its nodes)."""
+    reached, seen = set(), set()
+    stack = [out.grad_fn] if out.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)
+        if var is not None:
+            reached.add(var)
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+    return reached
 
 
 def _twice_differentiable(tensors) -> bool:
@@ -204,7 +369,8 @@ def _twice_differentiable(tensors) -> bool:
         if node is None or node in seen:
             continue
         seen.add(node)
-        if node.name().endswith("Error"):
+        name = node.name()
+        if name.endswith("Error") or name.endswith("NotImplemented"):
             return False
         stack.extend(fn for fn, _ in node.next_functions if fn is not None)
     return True
@@ -230,61 +396,95 @@ def gradient_with_graph(value: torch.Tensor, leaves) -> tuple:
                                    allow_unused=True)
 
 
+#: how ``GradientGraph.hvp`` may compute ``H v``
+HVP_ROUTES = ("auto", "reverse-over-reverse", "forward-over-reverse")
+
+
 class GradientGraph:
     """The gradient ``∇f(x)`` kept with its graph: Hessian products without a forward pass.
 
     ``H v = autograd.grad(∇f, x, v)``, reverse-over-reverse on the kept graph. Where an
-    operation has no double backward (or a ``once_differentiable`` backward), it falls
-    back to forward-over-reverse with ``torch.func`` (``jvp`` of ``grad``), which re-runs
-    ``f`` at every product.
+    operation has no double backward (or a ``once_differentiable`` backward), ``"auto"``
+    falls back to forward-over-reverse with ``torch.func`` (``jvp`` of ``grad``), which
+    re-runs ``f`` at every product.
 
     Args:
         grads: ``∇f`` with respect to each leaf, computed with ``create_graph=True``.
         leaves: the leaves of the graph.
         rerun: ``rerun(tensors) -> f`` (a scalar), for the fallback; None disables it.
         vectorize: k-column products in one vmapped pass.
+        route: one of ``HVP_ROUTES``.
+        diagnose: ``diagnose() -> str`` naming what has no second derivative, called only
+            when every route failed.
     """
 
-    def __init__(self, grads, leaves, rerun: Callable | None, vectorize: bool):
+    def __init__(self, grads, leaves, rerun: Callable | None, vectorize: bool,
+                 route: str = "auto", diagnose: Callable[[], str] | None = None):
+        if route not in HVP_ROUTES:
+            raise ValueError(f"route must be one of {HVP_ROUTES}; got {route!r}.")
+        if route == "forward-over-reverse" and rerun is None:
+            raise ValueError("route='forward-over-reverse' needs rerun (it re-evaluates f).")
         self.leaves = list(leaves)
         self._idx = [i for i, g in enumerate(grads) if g.requires_grad]
         self._grads = [grads[i] for i in self._idx]
         self._rerun = rerun
+        self._diagnose = diagnose
         self.vectorize = vectorize
-        self._forward_mode = bool(self._grads) and not _twice_differentiable(self._grads)
+        self.route = route
+        if route == "forward-over-reverse":
+            self._forward_mode = True
+        elif route == "reverse-over-reverse":
+            self._forward_mode = False
+        else:
+            self._forward_mode = bool(self._grads) and not _twice_differentiable(self._grads)
+
+    @property
+    def route_used(self) -> str:
+        """The route of the products (``"forward-over-reverse"`` once ``"auto"`` fell back)."""
+        return "forward-over-reverse" if self._forward_mode else "reverse-over-reverse"
 
     def hvp(self, V: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
         """``H v`` for ``V[i]`` of shape ``(k, *leaves[i].shape)``; same shapes back."""
         if not self._grads:  # f is linear (or constant) in x
             return [torch.zeros_like(v) for v in V]
         if not self._forward_mode:
+            if self.route == "reverse-over-reverse" and not _twice_differentiable(self._grads):
+                raise self._error(RuntimeError(
+                    "the graph holds a backward marked once_differentiable (or without a "
+                    "derivative)"))
             try:
                 return batched_grad(self._grads, self.leaves, [V[i] for i in self._idx], k,
                                     self.vectorize)
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as err:
-                if self._rerun is None:
-                    raise _second_order_error(err) from err
+                if self._rerun is None or self.route != "auto":
+                    raise self._error(err) from err
                 self._forward_mode = True
         try:
             return self._hvp_forward(V, k)
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as err:
-            raise _second_order_error(err) from err
+            raise self._error(err) from err
+
+    def _error(self, err):
+        where = self._diagnose() if self._diagnose is not None else ""
+        return _second_order_error(err, where)
 
     def _hvp_forward(self, V, k):
         primals = tuple(t.detach() for t in self.leaves)
-        grad = torch.func.grad(lambda *ts: self._rerun(list(ts)).reshape(()),
+        rerun = self._rerun
+        grad = torch.func.grad(lambda *ts: rerun(list(ts)).reshape(()),
                                argnums=tuple(range(len(primals))))
         cols = [torch.func.jvp(grad, primals, tuple(v[i] for v in V))[1] for i in range(k)]
         return [torch.stack(c) for c in zip(*cols)]
 
 
-def _second_order_error(err: Exception) -> RuntimeError:
+def _second_order_error(err: Exception, where: str = "") -> RuntimeError:
+    at = f" ({where})" if where else ""
     return RuntimeError(
         "Hessian products need second derivatives of every operation, and PyTorch has "
-        f"neither a double backward nor a forward-mode rule for one of them: {err}. Use "
+        f"neither a double backward nor a forward-mode rule for one of them{at}: {err}. Use "
         "the GGN instead (it needs first derivatives only), or replace that operation."
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..autodiff._linearization import JVP_ROUTES
 from ..operator import LinearOperator
 from ..params import ParamSpace
 from ._data import (
@@ -22,6 +23,15 @@ from ._data import (
     resolve_params,
 )
 from ._mlp import mlp_input_problem, mlp_linearize, mlp_spec
+from ._routes import (
+    KernelSwitch,
+    Route,
+    canonical_route,
+    describe_module_failure,
+    fused_kernels_in_graph,
+    kernels_for,
+    select_output,
+)
 from .losses import loss_curvature
 
 __all__ = ["CurvatureOperator"]
@@ -61,6 +71,25 @@ class CurvatureOperator(LinearOperator):
             (and, batch by batch, when the input does); False always uses autograd; True
             raises a ``ValueError`` naming what does not qualify. ``op.fast_path`` says
             which path the operator took.
+        route: on the autograd path, how products are computed. GGN, EmpiricalFisher and
+            MCFisher (``J v``): ``"auto"`` (forward mode where every operation has a
+            forward-mode rule, else the double backward; decided at the first product),
+            ``"forward mode"``, ``"double backward"``, ``"linearize"``
+            (``torch.func.linearize``: a trace costing many gradients at the first
+            product, then the cheapest ``J v``; for long runs of products on one
+            operator). Hessian: ``"auto"`` (reverse-over-reverse, else
+            forward-over-reverse), ``"reverse-over-reverse"``, ``"forward-over-reverse"``.
+            ``op.info`` says which route was taken.
+        output_fn: ``output_fn(model(X))`` is the tensor the loss takes; for models that
+            return a tuple or dict (``lambda out: out["logits"]``). Not with
+            ``fast_path=True``.
+        reference_kernels: switch fused kernels without the derivatives the products
+            need (the multi-head-attention fast path, flash / memory-efficient
+            ``scaled_dot_product_attention``, oneDNN or cuDNN RNNs) to their
+            differentiable reference implementation during the operator's own passes,
+            restoring the user's settings after each. None: where the model needs it
+            (its modules, and the graph of its first forward pass); True: always; False:
+            never (the user's settings as they are).
 
     Attributes:
         loss: the loss over the whole data set at the parameters (0-dim, detached).
@@ -86,6 +115,7 @@ class CurvatureOperator(LinearOperator):
     symbol = "C"
     _tag_set = frozenset({"self_adjoint", "psd"})
     _mlp_order = 1  # the derivatives of the activations the fast path needs
+    _route_choices = JVP_ROUTES  # the values of route= (the Hessian has its own)
 
     def __init__(
         self,
@@ -99,11 +129,25 @@ class CurvatureOperator(LinearOperator):
         allow_train_mode: bool = False,
         vectorize: bool | None = None,
         fast_path: bool | None = None,
+        route: str = "auto",
+        output_fn=None,
+        reference_kernels: bool | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
         if fast_path not in (None, True, False):
             raise TypeError(f"fast_path must be None, True or False; got {fast_path!r}.")
+        self._route = canonical_route(route, self._route_choices, type(self).__name__)
+        if output_fn is not None and not callable(output_fn):
+            raise TypeError(f"output_fn must be a callable that selects the output tensor "
+                            f"from the model's output; got {type(output_fn).__name__}.")
+        if reference_kernels not in (None, True, False):
+            raise TypeError(f"reference_kernels must be None, True or False; got "
+                            f"{reference_kernels!r}.")
+        if fast_path is True and output_fn is not None:
+            raise ValueError("fast_path=True takes the model's output as it is; it cannot "
+                             "apply output_fn. Pass fast_path=None (autograd) with output_fn.")
+        self._output_fn = output_fn
         self._loss_curv = loss_curvature(loss_fn)
         self.model = model
         self.loss_fn = loss_fn
@@ -129,7 +173,12 @@ class CurvatureOperator(LinearOperator):
         }
         self._require_fast = fast_path is True
         self._mlp = None
-        if fast_path is not False:
+        #: the kernel switches our own passes apply (see ``_routes.py``)
+        self._kernels = KernelSwitch(kernels_for(model, space.device, reference_kernels))
+        self._detect_kernels = reference_kernels is None
+        self._kernels_off = reference_kernels is False
+        self._route_seen = None
+        if fast_path is not False and output_fn is None:
             spec = mlp_spec(model, space.names, space.dtype, self._mlp_order)
             if isinstance(spec, str):
                 if fast_path:
@@ -166,16 +215,19 @@ class CurvatureOperator(LinearOperator):
         leaves = [self.params[n].detach().requires_grad_(graph) for n in names]
         with torch.set_grad_enabled(graph):
             try:
-                out = torch.func.functional_call(
-                    self.model, {**self._frozen, **dict(zip(names, leaves))}, (X,)
-                )
+                with self._kernels():
+                    out = torch.func.functional_call(
+                        self.model, {**self._frozen, **dict(zip(names, leaves))}, (X,)
+                    )
             except (RuntimeError, TypeError, ValueError, IndexError) as err:
                 raise explain_forward_error(self.model, X, self.dtype, err)  # noqa: B904
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(
-                f"The model returned a {type(out).__name__}; the curvature operators need "
-                "one output tensor."
-            )
+        out = select_output(out, self._output_fn, self.model)
+        if graph and self._detect_kernels:
+            # a fused kernel our modules scan did not foresee (a functional
+            # scaled_dot_product_attention): switch it and evaluate the batch again
+            self._detect_kernels = False
+            if self._kernels.add(fused_kernels_in_graph(out, self.device)):
+                return self._forward(X, graph)
         if out.dtype != self.dtype:
             raise ValueError(
                 f"The model output has dtype {out.dtype} but the parameters have "
@@ -211,14 +263,53 @@ class CurvatureOperator(LinearOperator):
         return state["value"]
 
     def _rerun(self, X):
-        names = self.param_space.names
+        """``f(tensors) -> output`` at the batch ``X``, under the operator's kernel switches.
+        It closes over the model and the batch, not over the operator (no reference cycle:
+        the operator is freed by reference counting alone)."""
+        names, model, frozen = self.param_space.names, self.model, self._frozen
+        kernels, output_fn = self._kernels, self._output_fn
 
         def f(tensors):
-            return torch.func.functional_call(
-                self.model, {**self._frozen, **dict(zip(names, tensors))}, (X,)
-            )
+            with kernels():
+                out = torch.func.functional_call(
+                    model, {**frozen, **dict(zip(names, tensors))}, (X,)
+                )
+            return select_output(out, output_fn, model)
 
         return f
+
+    def _diagnoser(self, X, order: int):
+        """``diagnose() -> str`` naming the module of the model that cannot be
+        differentiated (``order`` 1: ``J v``; 2: second derivatives); it runs only when
+        every route failed. Closes over the model, not the operator."""
+        model, kernels = self.model, self._kernels
+        tensors = {**self._frozen, **self.params}
+        hint = (" (reference_kernels=False kept PyTorch's fused kernels: pass "
+                "reference_kernels=None to switch them during the operator's passes)"
+                if self._kernels_off else "")
+
+        def run():
+            with kernels():
+                return torch.func.functional_call(model, tensors, (X,))
+
+        def diagnose():
+            with kernels():
+                where = describe_module_failure(model, run, order)
+            return where + hint if where else hint.strip()
+
+        return diagnose
+
+    @property
+    def info(self) -> Route:
+        """How the operator multiplies (``Route``): the MLP fast path or autograd, the route
+        of its products (chosen at the first product for ``route='auto'``), and the kernels
+        it switches to their reference implementation during its own passes. ``str(op.info)``
+        says it in a sentence."""
+        if self._mlp is not None and self._route_seen in (None, "mlp"):
+            return Route("mlp", "hand-written", self._route)
+        products = self._route_seen or (self._route if self._route != "auto"
+                                        else "not chosen yet")
+        return Route("autograd", products, self._route, self._kernels.switches)
 
     # -------------------------------------------------------------- passes over the data
     def _linearize(self, X, y, generator) -> dict:
@@ -322,6 +413,16 @@ class CurvatureOperator(LinearOperator):
         scale = self._scale(total)
         self._loss_value = value / scale
         return self.param_space.join(acc) / scale
+
+    # -------------------------------------------------------------- diagonal
+    def _diag(self) -> torch.Tensor:
+        """The exact diagonal (the Monte-Carlo Fisher's own, with its seed) from the
+        layer-wise engine: one pass over the data (see ``linops.curvature.DiagGGN``)."""
+        if getattr(self, "_diagonal", None) is None:
+            from .diagonal import operator_diagonal  # diagonal.py imports the operators
+
+            self._diagonal = operator_diagonal(self)
+        return self._diagonal
 
     # -------------------------------------------------------------- explicit checks
     def check_deterministic(self, rtol: float | None = None) -> float:

@@ -36,7 +36,8 @@ class _JBJ(CurvatureOperator):
         else:
             leaves, out = self._forward(X)
             lin = Linearization(out, leaves, self.param_space.names, rerun=self._rerun(X),
-                                vectorize=self.vectorize, what="parameter")
+                                vectorize=self.vectorize, what="parameter",
+                                route=self._route, diagnose=self._diagnoser(X, 1))
             state = {"lin": lin}
         state["loss"] = self._loss_curv.prepare(out, y)
         state["out"], state["y"] = out.detach(), y
@@ -52,7 +53,9 @@ class _JBJ(CurvatureOperator):
             V = [v.detach() for v in V]
             return mlp_vjp(mlp, self._middle(state, mlp_jvp(mlp, V, k)), k)
         lin = state["lin"]
-        return lin.vjp(self._middle(state, lin.jvp(V, k)), k)
+        jv = lin.jvp(V, k)
+        self._route_seen = lin.route_used
+        return lin.vjp(self._middle(state, jv), k)
 
     def _state_gradient(self, state):
         r = self._loss_curv.residual(state["loss"])

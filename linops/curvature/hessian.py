@@ -6,7 +6,12 @@ from functools import partial
 
 import torch
 
-from ..autodiff._linearization import GradientGraph, _name_list, gradient_with_graph
+from ..autodiff._linearization import (
+    HVP_ROUTES,
+    GradientGraph,
+    _name_list,
+    gradient_with_graph,
+)
 from ._base import CurvatureOperator
 from ._mlp import mlp_gradient, mlp_hvp
 
@@ -51,6 +56,7 @@ class Hessian(CurvatureOperator):
     symbol = "H"
     _tag_set = frozenset({"self_adjoint"})
     _mlp_order = 2
+    _route_choices = HVP_ROUTES
 
     def _linearize(self, X, y, generator):
         mlp = self._mlp_linearize(X)
@@ -74,12 +80,14 @@ class Hessian(CurvatureOperator):
                 f"The loss does not depend on the parameter(s) {_name_list(unused)}: their "
                 "derivative is structurally zero. Leave them out of params."
             )
-        rerun = self._rerun(X)
+        rerun, loss_curv = self._rerun(X), self._loss_curv  # no reference to self: no cycle
 
         def loss_of(tensors):
-            return self._loss_curv.summed_loss(rerun(tensors), y, loss_state)
+            return loss_curv.summed_loss(rerun(tensors), y, loss_state)
 
-        return {"graph": GradientGraph(grads, leaves, loss_of, self.vectorize),
+        graph = GradientGraph(grads, leaves, loss_of, self.vectorize, route=self._route,
+                              diagnose=self._diagnoser(X, 2))
+        return {"graph": graph,
                 "loss": loss_state, "grad": [g.detach() for g in grads],
                 "value": value.detach().reshape(())}
 
@@ -87,7 +95,10 @@ class Hessian(CurvatureOperator):
         if "mlp" in state:
             return mlp_hvp(state["mlp"], [v.detach() for v in V], k,
                            partial(self._loss_curv.hessian_product, state["loss"]))
-        return state["graph"].hvp(V, k)
+        graph = state["graph"]
+        out = graph.hvp(V, k)
+        self._route_seen = graph.route_used
+        return out
 
     def _state_gradient(self, state):
         return state["grad"]
