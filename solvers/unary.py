@@ -233,6 +233,12 @@ class _LanczosFunction(LinearOperator):
             b = betas[: m - 1].mT
             T = T + torch.diag_embed(b, 1) + torch.diag_embed(b, -1)
         theta, S = torch.linalg.eigh(T)
+        if is_psd(self.A):
+            # Ritz values of a PSD A lie in [0, λ_max]; on a singular A rounding leaves some
+            # at −1e-8 (float32), where sqrt is NaN: those are zero eigenvalues
+            floor = 100 * torch.finfo(self.dtype).eps * theta.abs().amax(-1, keepdim=True)
+            theta = torch.where(theta >= -floor, theta.clamp_min(0), theta)
+        self._ritz_min = float(theta.min())
         coeff = (S * (self.f(theta) * S[:, 0, :])[:, None, :]).sum(-1)  # (k, m)
         out = torch.einsum("nmk,km->nk", Q[:, :m, :].to(torch.float64), coeff)
         del k
@@ -264,6 +270,11 @@ class _LanczosFunction(LinearOperator):
                f"f(A) b by Lanczos changed by {worst:.2e} (relative) over its last steps, "
                f"above tol={self.alg.tol:g}, after {m} steps: raise Lanczos(max_iters=...) "
                "or use a dense method for a small A.")
+        if not finite:
+            msg = (f"f(A) b by Lanczos is not finite: f is undefined at the Ritz value "
+                   f"{self._ritz_min:.3g} (the smallest). sqrt needs A PSD (tag it with "
+                   "linops.PSD if it is), isqrt and log need A positive definite (add damping "
+                   "c·I_like(A)); NaN or inf in A propagate.")
         self.solution = Solution(value=full.to(X.dtype), status=status, iterations=m,
                                  residuals=change.cpu()[None, :], algorithm=self.alg,
                                  message=msg)

@@ -115,8 +115,9 @@ class LossCurvature:
     def summed_loss(self, output: torch.Tensor, target: torch.Tensor, state: dict):
         """The batch's loss summed over its terms, differentiable in ``output``."""
         value = self.loss_fn(output, self._loss_target(target))
-        if self.reduction == "mean":
-            value = value * state["count"]
+        if self.reduction == "mean":  # a batch with no term (all ignore_index) adds 0, not NaN
+            count = state["count"]
+            value = torch.where(torch.as_tensor(count) > 0, value * count, 0.0)
         return value
 
     def _loss_target(self, target):
