@@ -1,6 +1,7 @@
 """Network-level curvature operators built from ``(model, loss_fn, data, params=None)``."""
 
 from ._base import CurvatureOperator
+from .diagonal import DiagGGN, DiagHessian
 from .ggn import GGN, EmpiricalFisher, MCFisher
 from .hessian import Hessian
 from .layers import supported_layers
@@ -16,6 +17,8 @@ __all__ = [
     "SUPPORTED_LOSSES",
     "loss_curvature",
     "quantities",
+    "DiagGGN",
+    "DiagHessian",
     "QUANTITY_NAMES",
     "supported_layers",
 ]

@@ -409,8 +409,9 @@ class _Plan:
                         f"holds {node.name()} (an operation with second derivatives the "
                         "engine does not back-propagate, e.g. LayerNorm, attention, a "
                         "functional torch.tanh, a product of two activations). Use "
-                        "DiagHessian(..., estimator='xdiag' or 'hutchinson') for an "
-                        "estimate, or replace functional activations by modules."
+                        "DiagHessian(..., estimator='hutchinson') or solvers.diag(Hessian(...), "
+                        "alg=...) for an estimate, or replace functional activations by "
+                        "modules."
                     )
             stack.extend(inputs)
 
@@ -601,7 +602,7 @@ def run(engine: Engine, data, names, progress: bool = False, extra: bool = False
         power = {"grad_batch": 1, "batch_l2": 2, "sum_grad_squared": 2, "variance": 2}.get(
             name, 1)
         scale = c ** power if not name.startswith("sqrt_") else math.sqrt(c)
-        out[name] = {p: t / scale for p, t in out[name].items()}
+        out[name] = {p: t.detach() / scale for p, t in out[name].items()}
         if name == "variance":
             out[name] = {p: t / N_total - (grad[p] / c / N_total) ** 2
                          for p, t in out[name].items()}

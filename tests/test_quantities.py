@@ -1,0 +1,380 @@
+"""The layer-wise engine (``linops.curvature.quantities``, ``DiagGGN``, ``DiagHessian``,
+``.diag()``) against float64 ground truth from torch.func (``_quantity_reference``)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from _quantity_reference import reference
+from torch import nn
+
+from linops import is_psd
+from linops.curvature import (
+    GGN,
+    QUANTITY_NAMES,
+    DiagGGN,
+    DiagHessian,
+    EmpiricalFisher,
+    Hessian,
+    MCFisher,
+    quantities,
+    supported_layers,
+)
+
+# the module (the package attribute ``quantities`` is the function)
+quantities_module = importlib.import_module("linops.curvature.quantities")
+
+F64 = torch.float64
+N = 4
+ALL_EXACT = ["grad_batch", "batch_l2", "sum_grad_squared", "variance", "diag_ggn_exact",
+             "diag_ggn_exact_batch", "sqrt_ggn_exact", "diag_h", "diag_h_batch"]
+NO_H = [n for n in ALL_EXACT if not n.startswith("diag_h")]
+
+
+# ----------------------------------------------------------------------------- models
+class ResBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 2, 3, padding=1)
+        self.bn = nn.BatchNorm2d(2)
+        self.act = nn.Tanh()
+        self.head = nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.head((x + self.act(self.bn(self.c1(x)))).flatten(1))
+
+
+class Norms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(4, 6)
+        self.ln = nn.LayerNorm(6)
+        self.gn = nn.GroupNorm(2, 6)
+        self.l2 = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.gn(self.ln(self.l1(x)))))
+
+
+class CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+        self.a = nn.Sigmoid()
+        self.h = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.h(self.a(self.l(self.a(self.l(x)))))
+
+
+class TiedEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 3)
+        self.mix = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 7, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mix(self.emb(x)))).mean(1)
+
+
+class RawParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.rand(3) + 0.5)
+
+    def forward(self, x):
+        return self.l(x) * self.scale
+
+
+class UsedOutside(nn.Module):  # l.weight also used outside its module's call
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+        self.h = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.h(torch.tanh(self.l(x)) + nn.functional.linear(x, self.l.weight))
+
+
+def _bn_model():
+    m = ResBN()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-1, 1)
+        m.bn.running_var.uniform_(0.5, 2)
+        m.bn.weight.uniform_(0.5, 1.5)
+    return m
+
+
+def _x(*shape):
+    return lambda: torch.randn(N, *shape, dtype=F64)
+
+
+def _cls(C=3):
+    return lambda out_shape=None: torch.randint(0, C, (N,))
+
+
+MLP = lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 4), nn.Sigmoid(),  # noqa: E731
+                            nn.Linear(4, 3))
+
+# (id, model builder, input builder, target builder, loss, names)
+CASES = [
+    ("mlp-ce", MLP, _x(4), _cls(), nn.CrossEntropyLoss(), ALL_EXACT),
+    ("mlp-ce-weighted-smoothed-sum", MLP, _x(4), _cls(),
+     nn.CrossEntropyLoss(weight=torch.tensor([0.5, 1.0, 2.0], dtype=F64), label_smoothing=0.1,
+                         reduction="sum"), ALL_EXACT),
+    ("mlp-ce-ignore-index", MLP, _x(4), lambda: torch.tensor([0, -100, 2, 1]),
+     nn.CrossEntropyLoss(), ALL_EXACT),
+    ("mlp-mse", MLP, _x(4), lambda: torch.randn(N, 3, dtype=F64), nn.MSELoss(), ALL_EXACT),
+    ("mlp-bce-weighted", MLP, _x(4), lambda: torch.rand(N, 3, dtype=F64).round(),
+     nn.BCEWithLogitsLoss(weight=torch.tensor([1.0, 0.5, 2.0], dtype=F64),
+                          pos_weight=torch.tensor([2.0, 0.3, 1.0], dtype=F64)), ALL_EXACT),
+    ("cnn-relu-maxpool", lambda: nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1),
+                                               nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                                               nn.Linear(12, 3)),
+     _x(2, 8, 8), _cls(), nn.CrossEntropyLoss(), ALL_EXACT),
+    ("conv1d-groups-dilation", lambda: nn.Sequential(
+        nn.Conv1d(4, 6, 3, groups=2, dilation=2, padding=1), nn.SiLU(), nn.Flatten(),
+        nn.Linear(30, 3)), _x(4, 7), _cls(), nn.CrossEntropyLoss(), ALL_EXACT),
+    ("linear-on-sequences", lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)),
+     _x(6, 4), lambda: torch.randn(N, 6, 3, dtype=F64), nn.MSELoss(), ALL_EXACT),
+    ("ce-spatial-outputs", lambda: nn.Sequential(nn.Conv1d(2, 3, 3, padding=1)), _x(2, 5),
+     lambda: torch.randint(0, 3, (N, 5)), nn.CrossEntropyLoss(), ALL_EXACT),
+    ("residual-batchnorm-eval", _bn_model, _x(2, 4, 4), _cls(), nn.CrossEntropyLoss(),
+     ALL_EXACT),
+    ("layernorm-groupnorm", Norms, _x(4), _cls(), nn.CrossEntropyLoss(), NO_H),
+    ("module-called-twice", CalledTwice, _x(4), _cls(), nn.CrossEntropyLoss(), NO_H),
+    ("tied-embedding-head", TiedEmbedding, lambda: torch.randint(0, 7, (N, 5)),
+     lambda: torch.randint(0, 7, (N,)), nn.CrossEntropyLoss(), NO_H),
+    ("raw-parameter", RawParameter, _x(4), lambda: torch.randn(N, 3, dtype=F64), nn.MSELoss(),
+     NO_H),
+    ("parameter-used-outside-its-module", UsedOutside, _x(4), _cls(), nn.CrossEntropyLoss(),
+     NO_H),
+    ("convtranspose-conv3d", lambda: nn.Sequential(
+        nn.ConvTranspose2d(2, 1, 3, stride=2), nn.Sigmoid(), nn.Unflatten(1, (1, 1)),
+        nn.Conv3d(1, 2, (1, 2, 2)), nn.Flatten(), nn.Linear(2 * 36, 3)),
+     _x(2, 3, 3), _cls(), nn.CrossEntropyLoss(), ALL_EXACT),
+    ("inplace-activations", lambda: nn.Sequential(
+        nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 5), nn.SiLU(inplace=True),
+        nn.Linear(5, 3)), _x(4), _cls(), nn.CrossEntropyLoss(), ALL_EXACT),
+]
+
+
+def _flat(d, names, lead):
+    return torch.cat([d[n].reshape(*lead, -1) for n in names], -1)
+
+
+def check_against_reference(model, loss_fn, X, y, qnames, names=None):
+    model = model.to(F64).eval()
+    names = names or [n for n, _ in model.named_parameters()]
+    space, g, G, H = reference(model, loss_fn, X, y, names)
+    named = dict(model.named_parameters())
+    q = quantities(model, loss_fn, (X, y), qnames, params={n: named[n] for n in names})
+    tol = 1e-10 * max(1.0, float(G.abs().max()), float(H.abs().max()))
+
+    def close(name, got, want):
+        assert got.shape == want.shape, name
+        err = float((got - want).abs().max())
+        assert err <= tol, f"{name}: error {err:.3g}"
+
+    n = X.shape[0]
+    expected = {
+        "grad_batch": lambda: (_flat(q["grad_batch"], names, (n,)), g),
+        "batch_l2": lambda: (torch.stack([q["batch_l2"][p] for p in names], 1),
+                             torch.stack([(b**2).sum(-1) for b in
+                                          g.split(list(space.numels), -1)], 1)),
+        "sum_grad_squared": lambda: (_flat(q["sum_grad_squared"], names, ()), (g**2).sum(0)),
+        "variance": lambda: (_flat(q["variance"], names, ()),
+                             (g**2).sum(0) / n - (g.sum(0) / n) ** 2),
+        "diag_ggn_exact": lambda: (_flat(q["diag_ggn_exact"], names, ()),
+                                   torch.diagonal(G.sum(0))),
+        "diag_ggn_exact_batch": lambda: (_flat(q["diag_ggn_exact_batch"], names, (n,)),
+                                         torch.diagonal(G, dim1=1, dim2=2)),
+        "diag_h": lambda: (_flat(q["diag_h"], names, ()), torch.diagonal(H.sum(0))),
+        "diag_h_batch": lambda: (_flat(q["diag_h_batch"], names, (n,)),
+                                 torch.diagonal(H, dim1=1, dim2=2)),
+    }
+    for name in qnames:
+        if name == "sqrt_ggn_exact":
+            V = torch.cat([q[name][p].reshape(*q[name][p].shape[:2], -1) for p in names], -1)
+            close(name, torch.einsum("mnp,mnq->npq", V, V), G)  # Σₘ V Vᵀ = Gₙ
+        else:
+            close(name, *expected[name]())
+    return q
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_every_name_against_torch_func(case):
+    _, build, xb, yb, loss_fn, qnames = case
+    torch.manual_seed(0)
+    model = build()
+    check_against_reference(model, loss_fn, xb(), yb(), qnames)
+
+
+def test_parameter_subset():
+    torch.manual_seed(1)
+    model = MLP()
+    q = check_against_reference(model, nn.CrossEntropyLoss(), _x(4)(), _cls()(), ALL_EXACT,
+                                names=["0.bias", "2.weight"])
+    assert set(q["grad_batch"]) == {"0.bias", "2.weight"}
+
+
+def test_hessian_diagonal_refuses_what_it_cannot_do_exactly():
+    torch.manual_seed(0)
+    X, y = _x(4)(), _cls()()
+    with pytest.raises(ValueError, match="graph holds .*Backward.*estimator='hutchinson'"):
+        quantities(Norms().to(F64).eval(), nn.CrossEntropyLoss(), (X, y), ["diag_h"])
+    with pytest.raises(ValueError, match="used once.*l.weight"):
+        quantities(CalledTwice().to(F64), nn.CrossEntropyLoss(), (X, y), ["diag_h"])
+
+    class Functional(nn.Module):  # torch.tanh outside a module: no record, so refused
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return torch.tanh(self.l(x))
+
+    with pytest.raises(ValueError, match="TanhBackward"):
+        quantities(Functional().to(F64), nn.CrossEntropyLoss(), (X, y), ["diag_h_batch"])
+
+
+def test_data_loader_of_uneven_batches_equals_one_batch():
+    torch.manual_seed(2)
+    model = MLP().to(F64).eval()
+    X, y = torch.randn(7, 4, dtype=F64), torch.randint(0, 3, (7,))
+    y[3] = -100  # the mean divides by the 6 terms of the whole data set
+    loss = nn.CrossEntropyLoss()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=3)
+    whole = quantities(model, loss, (X, y), ALL_EXACT)
+    parts = quantities(model, loss, loader, ALL_EXACT)
+    for name in ALL_EXACT:
+        for p in whole[name]:
+            torch.testing.assert_close(parts[name][p], whole[name][p], rtol=1e-12, atol=1e-14)
+
+
+def test_monte_carlo_names_are_reproducible_and_converge():
+    torch.manual_seed(3)
+    model = MLP().to(F64).eval()
+    X, y = torch.randn(6, 4, dtype=F64), torch.randint(0, 3, (6,))
+    loss = nn.CrossEntropyLoss()
+    names = ["diag_ggn_mc", "diag_ggn_mc_batch", "sqrt_ggn_mc"]
+    a = quantities(model, loss, (X, y), names, mc_samples=3, seed=7)
+    b = quantities(model, loss, (X, y), names, mc_samples=3, seed=7)
+    c = quantities(model, loss, (X, y), names, mc_samples=3, seed=8)
+    for name in names:
+        for p in a[name]:
+            assert torch.equal(a[name][p], b[name][p])
+        assert not all(torch.equal(a[name][p], c[name][p]) for p in a[name])
+    assert a["sqrt_ggn_mc"]["0.weight"].shape == (3, 6, 5, 4)
+    exact = _flat(quantities(model, loss, (X, y), ["diag_ggn_exact"])["diag_ggn_exact"],
+                  list(a["diag_ggn_mc"]), ())
+    errors = []
+    for S in (10, 4000):
+        mc = quantities(model, loss, (X, y), ["diag_ggn_mc"], mc_samples=S, seed=0)
+        d = _flat(mc["diag_ggn_mc"], list(a["diag_ggn_mc"]), ())
+        assert bool((d >= 0).all())
+        errors.append(float((d - exact).norm() / exact.norm()))
+    assert errors[1] < 0.05 and errors[1] < errors[0] / 3, errors
+
+
+def test_diagonal_operators_and_diag_of_curvature_operators():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
+    data = [(torch.randn(5, 3, dtype=F64), torch.randint(0, 2, (5,))),
+            (torch.randn(3, 3, dtype=F64), torch.randint(0, 2, (3,)))]
+    loss = nn.CrossEntropyLoss()
+    for op in (GGN(model, loss, data), Hessian(model, loss, data),
+               EmpiricalFisher(model, loss, data),
+               MCFisher(model, loss, data, mc_samples=3, seed=1)):
+        torch.testing.assert_close(op.diag(), op.to_dense().diagonal(), rtol=1e-12,
+                                   atol=1e-14)
+    G = GGN(model, loss, data)
+    D = DiagGGN(model, loss, data)
+    assert is_psd(D)
+    torch.testing.assert_close(D.d, G.to_dense().diagonal(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(D.gradient, G.gradient, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(D.loss, G.loss)
+    assert D.output is None  # several batches
+    one = DiagGGN(model, loss, data[0], mc_samples=2, seed=0)
+    F = MCFisher(model, loss, data[0], mc_samples=2, seed=0)
+    torch.testing.assert_close(one.d, F.to_dense().diagonal(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(one.output, model(data[0][0]).detach())
+    H = DiagHessian(model, loss, data)
+    assert not is_psd(H)
+    torch.testing.assert_close(H.d, Hessian(model, loss, data).to_dense().diagonal(),
+                               rtol=1e-12, atol=1e-14)
+
+
+def test_hutchinson_hessian_diagonal_for_any_model():
+    torch.manual_seed(5)
+    model = Norms().to(F64).eval()
+    X, y = _x(4)(), _cls()()
+    exact = Hessian(model, nn.CrossEntropyLoss(), (X, y)).to_dense().diagonal()
+    D = DiagHessian(model, nn.CrossEntropyLoss(), (X, y), estimator="hutchinson",
+                    samples=400, seed=0)
+    assert D.record["products"] == 400
+    err = (D.d - exact).abs()
+    assert bool((err <= 5 * D.record["stderr"] + 1e-12).all())
+    assert float(D.record["stderr"].max()) > 0
+
+
+def test_bad_input_is_refused_with_the_fix():
+    model = MLP().to(F64)
+    data = (_x(4)(), _cls()())
+    loss = nn.CrossEntropyLoss()
+    with pytest.raises(ValueError, match="valid names are: grad_batch, batch_l2"):
+        quantities(model, loss, data, ["grad_batch", "diag_gnn"])
+    with pytest.raises(ValueError, match="mc_samples"):
+        quantities(model, loss, data, ["diag_ggn_mc"], mc_samples=0)
+    with pytest.raises(ValueError, match="reduction='none'"):
+        quantities(model, nn.CrossEntropyLoss(reduction="none"), data, ["grad_batch"])
+    with pytest.raises(ValueError, match="model.eval"):
+        quantities(nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5)).to(F64).train(), loss,
+                   data, ["grad_batch"])
+    with pytest.raises(ValueError, match="batch_first=True"):
+        quantities(nn.Sequential(nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0)).eval(),
+                   nn.MSELoss(), (torch.randn(3, 2, 4), torch.randn(3, 2, 4)),
+                   ["grad_batch"])
+    with pytest.raises(ValueError, match="one output row per sample"):
+        quantities(nn.Sequential(nn.Linear(4, 3), nn.Flatten(0, 1), nn.Unflatten(0, (-1, 1))
+                                 ).to(F64), nn.MSELoss(),
+                   (_x(4)(), torch.randn(3 * N, 1, dtype=F64)), ["diag_ggn_exact"])
+
+
+def test_per_sample_names_too_large_say_how_much(monkeypatch):
+    monkeypatch.setattr(quantities_module, "_memory_limit", lambda device: 1000)
+    model = MLP().to(F64)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(40, 4, dtype=F64),
+                                       torch.randint(0, 3, (40,))), batch_size=8)
+    with pytest.raises(MemoryError, match=r"over 40 samples would take .* GiB"):
+        quantities(model, nn.CrossEntropyLoss(), loader, ["grad_batch"])
+    quantities(model, nn.CrossEntropyLoss(), loader, ["sum_grad_squared"])  # summed: fine
+
+
+def test_supported_layers_table_comes_from_the_registry():
+    rows = dict(supported_layers())
+    assert "closed form" in rows["nn.Linear"] and "closed form" in rows["nn.Conv2d"]
+    assert "torch.func" in rows["any other module owning parameters"]
+    assert set(QUANTITY_NAMES) >= {"grad_batch", "diag_h_batch", "sqrt_ggn_mc"}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA not available"))])
+def test_devices(device):
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)).to(
+        device)
+    X, y = torch.randn(5, 1, 4, 4, device=device), torch.randint(0, 3, (5,), device=device)
+    q = quantities(model, nn.CrossEntropyLoss(), (X, y), ["grad_batch", "diag_ggn_mc"],
+                   seed=0)
+    assert q["grad_batch"]["0.weight"].device.type == device
+    ref = quantities(model.cpu().double(), nn.CrossEntropyLoss(), (X.cpu().double(), y.cpu()),
+                     ["grad_batch"])
+    torch.testing.assert_close(q["grad_batch"]["3.bias"].cpu().double(),
+                               ref["grad_batch"]["3.bias"], rtol=1e-4, atol=1e-6)
