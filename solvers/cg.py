@@ -201,7 +201,8 @@ def cg(
         msg = job.unconverged_message(
             iterations, f"max_iters={max_iters}", cols, final,
             "Try a larger max_iters, a looser tol, or a preconditioner (Jacobi, Nyström, "
-            "pivoted Cholesky); if A may be indefinite use MINRES.",
+            "pivoted Cholesky); if A may be indefinite use MINRES, if it is not symmetric "
+            "GMRES (CG assumes a symmetric positive definite A).",
         )  # fmt: skip
         return end(Status.MAX_ITERS, msg)
     return end(Status.CONVERGED, job.converged_message(iterations, float(final.max())))

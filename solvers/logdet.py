@@ -22,13 +22,14 @@ from linops import (
 )
 
 from ._common import check_alg, check_operator
+from ._krylov_utils import KeywordCheck
 from .auto import Auto
 
 __all__ = ["logdet", "slogdet", "slogdet_rule", "SLQ"]
 
 
 @dataclass(frozen=True)
-class SLQ:
+class SLQ(KeywordCheck):
     """Stochastic Lanczos quadrature for log det of a PSD operator (Ubaru, Chen, Saad
     2017): log det A = tr(log A) ≈ (n/s) Σ_probes Σⱼ τⱼ² log θⱼ with (θⱼ, τⱼ) the Ritz values
     and first eigenvector components of the ``steps``-step Lanczos tridiagonal from each

@@ -241,7 +241,7 @@ def minres(
         msg = job.unconverged_message(
             iterations, f"max_iters={max_iters}", cols, final,
             "Try a larger max_iters, a looser tol, or a symmetric positive definite "
-            "preconditioner.",
+            "preconditioner; MINRES assumes a symmetric A, use GMRES if it is not.",
         )  # fmt: skip
         return end(Status.MAX_ITERS, msg)
     return end(Status.CONVERGED, job.converged_message(iterations, float(final.max())))

@@ -257,7 +257,7 @@ def explain_forward_error(model: nn.Module, X, dtype: torch.dtype, err: Exceptio
                 f"building the operator. PyTorch said: {text}"
             )
     elif any(key in text for key in ("shapes cannot be multiplied", "size of tensor",
-                                      "Expected", "expected input")):
+                                      "channels")) or ("xpected" in text and "input" in text):
         new = ValueError(
             f"The model failed on a batch X of shape {shape}: the inputs do not fit the "
             f"model.{_what_it_takes(model)} Check that the data belongs to this model. "
