@@ -450,3 +450,17 @@ def test_bad_batches_and_modes(kind, diag_engine):
     with pytest.raises(ValueError, match="frozen"):
         kind(model, loss_fn, params=list(model.parameters())).step((X, y))
     assert torch.equal(_flat(model), before)
+
+
+def test_learning_rate_schedulers_drive_the_groups():
+    model, loss_fn, X, y = _problem(seed=9)
+    opt = GaussNewton(model, loss_fn, lr=1.0, damping=0.1, alg=TIGHT)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.step((X, y))
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.5
+    ref = _dense(model, loss_fn, X, y)
+    opt.step((X, y))
+    expected = ref["flat"] - 0.5 * torch.linalg.solve(ref["G"] + 0.1 * torch.eye(44, dtype=DT),
+                                                      ref["g"])
+    torch.testing.assert_close(_flat(model), expected, rtol=1e-9, atol=1e-11)
