@@ -29,6 +29,10 @@ class Auto(KeywordCheck):
     * trace and diagonal: exact (n products, batched); ask for ``Hutchinson``/``HutchPP``
       explicitly for an estimate (see ``solvers.trace``).
 
+    Dense solves are checked too: a relative residual above √eps of the dtype is reported
+    (``Status.BREAKDOWN``); ``tol`` is the iterative algorithms' stopping rule, a dense one
+    takes its own (``alg=solvers.Dense(tol=...)``).
+
     The iterative algorithms get ``tol``, ``atol``, ``max_iters`` and, for solves,
     ``preconditioner``; other keyword arguments go in ``options`` and are passed to the
     chosen algorithm, which rejects those it does not take (``TypeError``). ``select``

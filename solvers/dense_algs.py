@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._krylov_utils import KeywordCheck, col_norm, fmt, prepare_rhs
+from ._krylov_utils import KeywordCheck, check_real, col_norm, fmt, prepare_rhs
 from .result import Solution, Status, check_on_failure, report
 
 __all__ = [
@@ -37,6 +37,13 @@ class Cholesky(KeywordCheck):
     Cost ``n³/3`` flops after ``n`` products to materialize A. If A is not positive
     definite the solve falls back to LU and the record says ``Status.BREAKDOWN``.
 
+    Args:
+        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when a solve fails.
+        tol: the largest relative residual ``‖b − A x‖/‖b‖`` a solve is accepted with
+            (``None``: √eps of the dtype, 3.5e-4 in float32 and 1.5e-8 in float64); above
+            it the record says ``Status.BREAKDOWN`` (A too ill-conditioned for the dtype,
+            or singular), checked like the iterative solvers' residuals.
+
     Example:
         >>> import torch
         >>> from solvers.dense_algs import Cholesky, dense_solve
@@ -45,10 +52,13 @@ class Cholesky(KeywordCheck):
     """
 
     on_failure: str = "warn"
+    tol: float | None = None
 
     def __post_init__(self):
         _not_a_matrix(self.on_failure, "Cholesky")
         check_on_failure(self.on_failure, "Cholesky: on_failure")
+        if self.tol is not None:
+            check_real("Cholesky", "tol", self.tol, positive=True, example="1e-4")
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,13 @@ class Eigh(KeywordCheck):
     Solves as ``x = Q Λ⁻¹ Qᵀ b``; gives all eigenpairs and matrix functions ``Q f(Λ) Qᵀ``.
     A is assumed symmetric (its lower triangle is read).
 
+    Args:
+        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when a solve fails.
+        tol: the largest relative residual ``‖b − A x‖/‖b‖`` a solve is accepted with
+            (``None``: √eps of the dtype, 3.5e-4 in float32 and 1.5e-8 in float64); above
+            it the record says ``Status.BREAKDOWN`` (A too ill-conditioned for the dtype,
+            or singular), checked like the iterative solvers' residuals.
+
     Example:
         >>> import torch
         >>> from solvers.dense_algs import Eigh, dense_eigh
@@ -66,10 +83,13 @@ class Eigh(KeywordCheck):
     """
 
     on_failure: str = "warn"
+    tol: float | None = None
 
     def __post_init__(self):
         _not_a_matrix(self.on_failure, "Eigh")
         check_on_failure(self.on_failure, "Eigh: on_failure")
+        if self.tol is not None:
+            check_real("Eigh", "tol", self.tol, positive=True, example="1e-4")
 
 
 @dataclass(frozen=True)
@@ -77,6 +97,13 @@ class Dense(KeywordCheck):
     """General dense methods: LU (``torch.linalg.solve``), ``torch.linalg.eig``, slogdet.
 
     For any square A, symmetric or not; ``2n³/3`` flops for a solve.
+
+    Args:
+        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when a solve fails.
+        tol: the largest relative residual ``‖b − A x‖/‖b‖`` a solve is accepted with
+            (``None``: √eps of the dtype, 3.5e-4 in float32 and 1.5e-8 in float64); above
+            it the record says ``Status.BREAKDOWN`` (A too ill-conditioned for the dtype,
+            or singular), checked like the iterative solvers' residuals.
 
     Example:
         >>> import torch
@@ -87,10 +114,13 @@ class Dense(KeywordCheck):
     """
 
     on_failure: str = "warn"
+    tol: float | None = None
 
     def __post_init__(self):
         _not_a_matrix(self.on_failure, "Dense")
         check_on_failure(self.on_failure, "Dense: on_failure")
+        if self.tol is not None:
+            check_real("Dense", "tol", self.tol, positive=True, example="1e-4")
 
 
 def _not_a_matrix(value, name: str) -> None:
@@ -123,20 +153,23 @@ def check_dense_dtype(dtype: torch.dtype, fname: str) -> None:
         )
 
 
-def residual_limit(dtype: torch.dtype) -> float:
-    """The largest relative residual ‖b − A x‖/‖b‖ a direct solve passes: √eps of the dtype
-    (3.5e-4 in float32, 1.5e-8 in float64). A backward-stable solve of a system it can solve
-    in that precision stays far below; above it A is numerically singular for the dtype."""
-    return torch.finfo(dtype).eps ** 0.5
+def residual_limit(dtype: torch.dtype, tol: float | None = None) -> float:
+    """The largest relative residual ‖b − A x‖/‖b‖ a direct solve passes: ``tol``, or by
+    default √eps of the dtype (3.5e-4 in float32, 1.5e-8 in float64). A backward-stable
+    solve leaves about eps·cond(A): above √eps, A is too ill-conditioned for the dtype
+    (cond ≳ 1/√eps), and near 1, numerically singular."""
+    return torch.finfo(dtype).eps ** 0.5 if tol is None else tol
 
 
-def singular_message(name: str, residual: float, dtype: torch.dtype) -> str:
-    wider = "" if dtype in (torch.float64, torch.complex128) else ", or float64"
+def singular_message(name: str, residual: float, dtype: torch.dtype, tol=None) -> str:
+    wider = "" if dtype in (torch.float64, torch.complex128) else ", float64"
+    limit = f"√eps = {fmt(residual_limit(dtype))}" if tol is None else f"tol={tol}"
     return (
         f"{name}: the direct solve left a relative residual ‖b − A x‖/‖b‖ = {fmt(residual)} "
-        f"> √eps = {fmt(residual_limit(dtype))}: A is numerically singular in {dtype} (the "
-        "returned x is not a solution, and may be huge). Add damping (A + λI) or use "
-        f"solvers.pinv(A) for a least-squares solution{wider}."
+        f"> {limit}: A is too ill-conditioned for {dtype}, or numerically singular when the "
+        "residual is near 1 (then x is not a solution and may be huge). Add damping "
+        f"(A + λI), use solvers.pinv(A) for a least-squares solution{wider}, or accept it "
+        f"with {name}(tol=...)."
     )
 
 
@@ -230,9 +263,11 @@ def dense_solve(A: torch.Tensor, B: torch.Tensor, alg, *, on_failure=None) -> So
             f"{fmt(float(residuals.max()))}): A is singular or too ill-conditioned for "
             f"{A.dtype}. Try float64, damping (A + λI) or pinv."
         )
-    elif status is Status.CONVERGED and not float(residuals.max()) <= residual_limit(A.dtype):
+    elif status is Status.CONVERGED and not float(residuals.max()) <= residual_limit(
+        A.dtype, alg.tol
+    ):
         status = Status.BREAKDOWN
-        message = singular_message(name, float(residuals.max()), A.dtype)
+        message = singular_message(name, float(residuals.max()), A.dtype, alg.tol)
     value = X[:, 0] if vector else X
     sol = Solution(value, status, 0, residuals, alg, message)
     return report(sol, on_failure)

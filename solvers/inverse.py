@@ -282,8 +282,9 @@ class InverseOperator(LinearOperator):
                 status = Status.NONFINITE
                 message = (f"{name}: the dense solve produced non-finite values: check b for "
                            "NaN/inf, or A for (near) singularity (add damping, or use pinv).")
-            elif not worst <= residual_limit(self.dtype):
-                status, message = Status.BREAKDOWN, singular_message(name, worst, self.dtype)
+            elif not worst <= residual_limit(self.dtype, self.alg.tol):
+                status = Status.BREAKDOWN
+                message = singular_message(name, worst, self.dtype, self.alg.tol)
             else:
                 status = Status.CONVERGED
                 message = f"{name}: direct solve, relative residual {worst:.3g}."

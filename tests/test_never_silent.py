@@ -80,6 +80,21 @@ def test_dense_solves_of_good_systems_converge_and_record_their_residual(alg, dt
     torch.testing.assert_close(Ainv.solution.residuals[0], ref.double(), rtol=1e-3, atol=1e-7)
 
 
+def test_dense_tol_sets_the_residual_accepted():
+    """float32 with cond 1e6 leaves a residual of about 1e-2 (eps·cond): reported by default
+    (√eps), accepted with an explicit tol; x matches the float64 solution to that level."""
+    M, b = spd(100, 1e6), randn(100, seed=10)
+    Ainv = solvers.inv(Dense(M.float()))
+    with pytest.warns(NotConvergedWarning, match="ill-conditioned for torch.float32"):
+        Ainv @ b.float()
+    assert Ainv.solution.status is Status.BREAKDOWN
+    loose = solvers.inv(Dense(M.float()), alg=solvers.Dense(tol=0.5))
+    x = loose @ b.float()
+    assert loose.solution.status is Status.CONVERGED
+    r = float(torch.linalg.vector_norm(b - M @ x.double()) / b.norm())
+    assert float(loose.solution.residuals.max()) == pytest.approx(r, rel=0.25)
+
+
 def test_dense_solve_kernel_checks_the_residual_too():
     from solvers.dense_algs import dense_solve
 
