@@ -58,13 +58,19 @@ def test_to_scipy_dtype_and_adjoint():
     assert Z.shape == (4, 3)
 
 
-def test_to_scipy_on_a_curvature_operator_gives_its_top_eigenvalue():
+@pytest.mark.parametrize("cls", ["GGN", "Hessian"])
+@pytest.mark.parametrize("fast_path", [None, False], ids=["fast", "autograd"])
+def test_to_scipy_on_a_curvature_operator_gives_its_extreme_eigenvalues(cls, fast_path):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    model = nn.Sequential(nn.Linear(3, 4), nn.SiLU(), nn.Linear(4, 2)).double()
     X, y = torch.randn(8, 3, dtype=F64), torch.randint(0, 2, (8,))
-    G = linops.curvature.GGN(model, nn.CrossEntropyLoss(), (X, y))
-    ref = torch.linalg.eigvalsh(G.to_dense())[-1].item()
-    assert eigsh(G.to_scipy(), k=1, which="LA", tol=1e-12)[0][0] == pytest.approx(ref, rel=1e-9)
+    G = getattr(linops.curvature, cls)(model, nn.CrossEntropyLoss(), (X, y),
+                                       fast_path=fast_path)
+    lam = torch.linalg.eigvalsh(G.to_dense())  # the operator itself is tested elsewhere
+    top = eigsh(G.to_scipy(), k=1, which="LA", tol=1e-12)[0][0]
+    low = eigsh(G.to_scipy(), k=1, which="SA", tol=1e-12)[0][0]
+    assert top == pytest.approx(lam[-1].item(), rel=1e-9)
+    assert low == pytest.approx(lam[0].item(), abs=1e-9)
 
 
 def test_to_scipy_rejects_what_it_cannot_do():
