@@ -234,9 +234,11 @@ class _LanczosFunction(LinearOperator):
             T = T + torch.diag_embed(b, 1) + torch.diag_embed(b, -1)
         theta, S = torch.linalg.eigh(T)
         if is_psd(self.A):
-            # Ritz values of a PSD A lie in [0, λ_max]; on a singular A rounding leaves some
-            # at −1e-8 (float32), where sqrt is NaN: those are zero eigenvalues
-            floor = 100 * torch.finfo(self.dtype).eps * theta.abs().amax(-1, keepdim=True)
+            # Ritz values of a PSD A lie in [0, λ_max]; on a singular A rounding in the
+            # products leaves some at about −eps·‖A‖ (−2e-8 on a 5120² cross-entropy Hessian
+            # in float32), where sqrt is NaN: those are zero eigenvalues
+            eps = torch.finfo(self.dtype).eps * max(1.0, self.shape[0] ** 0.5)
+            floor = 100 * eps * theta.abs().amax(-1, keepdim=True)
             theta = torch.where(theta >= -floor, theta.clamp_min(0), theta)
         self._ritz_min = float(theta.min())
         coeff = (S * (self.f(theta) * S[:, 0, :])[:, None, :]).sum(-1)  # (k, m)
