@@ -15,6 +15,7 @@ import torch
 from scipy.linalg import eigh_tridiagonal
 
 from ._krylov_utils import (
+    KeywordCheck,
     Matmat,
     check_bool,
     check_dtype,
@@ -37,7 +38,7 @@ _WHICH_NAMES = {"LA": "largest algebraic", "SA": "smallest algebraic", "LM": "la
 
 
 @dataclass(frozen=True)
-class Lanczos:
+class Lanczos(KeywordCheck):
     """The Lanczos process for a few extreme eigenpairs of a symmetric A.
 
     Stopping rule: every wanted Ritz pair ``(θᵢ, yᵢ)`` has the residual estimate

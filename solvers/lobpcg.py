@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ._krylov_utils import (
+    KeywordCheck,
     Matmat,
     as_apply,
     check_matmat_output,
@@ -33,7 +34,7 @@ __all__ = ["LOBPCG", "lobpcg"]
 
 
 @dataclass(frozen=True)
-class LOBPCG:
+class LOBPCG(KeywordCheck):
     """Locally optimal block preconditioned conjugate gradient (Knyazev, 2001).
 
     Each iteration does a Rayleigh-Ritz step on the span of the current block X, the

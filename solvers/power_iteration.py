@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ._krylov_utils import (
+    KeywordCheck,
     Matmat,
     check_every_for,
     check_matmat_output,
@@ -22,7 +23,7 @@ __all__ = ["PowerIteration", "power_iteration"]
 
 
 @dataclass(frozen=True)
-class PowerIteration:
+class PowerIteration(KeywordCheck):
     """Power iteration ``v ← A v / ‖A v‖`` for the dominant (largest-magnitude) eigenpair.
 
     Stopping rule: ``‖A v − λ v‖ ≤ tol·|λ|`` with the Rayleigh quotient ``λ = vᵀ A v``
