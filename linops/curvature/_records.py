@@ -55,6 +55,8 @@ class Record:
     kwargs: dict
     output: torch.Tensor
     params: dict = field(default_factory=dict)
+    #: what a layer rule derives from the input once per call (e.g. the unfolded input)
+    cache: dict = field(default_factory=dict)
 
     @property
     def input(self) -> torch.Tensor:

@@ -21,7 +21,7 @@ class _CurvatureDiagonal(Diagonal):
 
     def __init__(self, model, loss_fn, data, params, name, mc_samples, seed, progress):
         engine = Engine(model, loss_fn, params, mc_samples=mc_samples or 1, seed=seed)
-        values, info = run(engine, data, [name], progress)
+        values, info = run(engine, data, [name], progress, gradient=True)
         space = ParamSpace(engine.params)
         super().__init__(space.join([values[name][n] for n in space.names]))
         #: the layout of the parameters (``param_space.unflatten(D.d)`` gives a dict)

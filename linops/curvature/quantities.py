@@ -146,7 +146,7 @@ class Engine:
         return torch.Generator(device=self.device).manual_seed(self.seed)
 
     # ------------------------------------------------------------------ one batch
-    def batch(self, X, y, want: set, generator) -> dict:
+    def batch(self, X, y, want: set, generator, gradient: bool = False) -> dict:
         """The raw (unscaled, summed-loss) quantities of one batch: ``{name: {param:
         tensor}}`` plus ``"_gradient"``, ``"_value"``, ``"_count"``, ``"_N"``,
         ``"_output"``."""
@@ -181,7 +181,8 @@ class Engine:
         res = {}
         for name in want:
             res[name] = {p: plan.quantity(name, p) for p in self.names}
-        res["_gradient"] = {p: plan.summed("grad", p)[0] for p in self.names}
+        if gradient or "variance" in want:
+            res["_gradient"] = {p: plan.summed("grad", p)[0] for p in self.names}
         with torch.no_grad():
             res["_value"] = self.loss_curv.summed_loss(out.detach(), y, loss_state).reshape(())
         res["_count"] = self.loss_curv.count(loss_state)
@@ -549,7 +550,7 @@ def _check_names(names):
     return list(dict.fromkeys(names))
 
 
-def run(engine: Engine, data, names, progress: bool = False, extra: bool = False):
+def run(engine: Engine, data, names, progress: bool = False, gradient: bool = False):
     """Pass over ``data`` computing ``names``; returns ``(results, info)`` with the
     scaled results and, in ``info``, the loss, flat gradient pieces and the output of a
     single batch."""
@@ -563,7 +564,7 @@ def run(engine: Engine, data, names, progress: bool = False, extra: bool = False
     limit = _memory_limit(engine.device)
     total = len(batches) if batches.has_len() else None
     for i, (X, y) in enumerate(progress_bar(batches, progress, total, "quantities")):
-        res = engine.batch(X, y, want, generator)
+        res = engine.batch(X, y, want, generator, gradient)
         if i == 0 and per_sample:
             expected = _expected_samples(data, batches, res["_N"])
             need = _per_sample_bytes(engine, names, res) / max(1, res["_N"])
@@ -581,8 +582,9 @@ def run(engine: Engine, data, names, progress: bool = False, extra: bool = False
                 else:
                     acc.setdefault(name, {})
                     acc[name][p] = t if p not in acc[name] else acc[name][p] + t
-        g = res["_gradient"]
-        grad = g if grad is None else {p: grad[p] + g[p] for p in g}
+        g = res.get("_gradient")
+        if g is not None:
+            grad = g if grad is None else {p: grad[p] + g[p] for p in g}
         value = value + res["_value"]
         count = count + res["_count"]
         N_total += res["_N"]
@@ -596,17 +598,20 @@ def run(engine: Engine, data, names, progress: bool = False, extra: bool = False
     for name in names:
         if name in PER_SAMPLE:
             dim = _SAMPLE_DIM.get(name, 0)
-            out[name] = {p: torch.cat(ts, dim=dim) for p, ts in per_sample[name].items()}
+            out[name] = {p: ts[0] if len(ts) == 1 else torch.cat(ts, dim=dim)
+                         for p, ts in per_sample[name].items()}
         else:
             out[name] = acc[name]
         power = {"grad_batch": 1, "batch_l2": 2, "sum_grad_squared": 2, "variance": 2}.get(
             name, 1)
         scale = c ** power if not name.startswith("sqrt_") else math.sqrt(c)
-        out[name] = {p: t.detach() / scale for p, t in out[name].items()}
+        if scale != 1:  # our own tensors: scaled in place
+            out[name] = {p: t.detach().div_(scale) for p, t in out[name].items()}
         if name == "variance":
             out[name] = {p: t / N_total - (grad[p] / c / N_total) ** 2
                          for p, t in out[name].items()}
-    info = {"loss": (value / c).detach(), "gradient": {p: t / c for p, t in grad.items()},
+    info = {"loss": (value / c).detach(),
+            "gradient": None if grad is None else {p: t / c for p, t in grad.items()},
             "output": output, "num_samples": N_total, "num_terms": count}
     return out, info
 

@@ -21,6 +21,21 @@ from ._base import LayerRule, register
 __all__ = ["ConvRule"]
 
 
+def _unfold(m, x, groups):
+    """The input patches ``(N, G, C_in/G · kernel, L)`` (the layout of ``F.unfold``),
+    computed as a convolution with a one-hot kernel (several times faster on CPU than
+    ``im2col``)."""
+    k, s, p, d = m.kernel_size, m.stride, m.padding, m.dilation
+    if isinstance(m, nn.Conv1d):
+        x = x.unsqueeze(2)
+        k, s, p, d = (1, k[0]), (1, s[0]), (0, p[0]), (1, d[0])
+    N, C = x.shape[0], x.shape[1]
+    kk = k[0] * k[1]
+    eye = torch.eye(kk, dtype=x.dtype, device=x.device).reshape(kk, 1, *k)
+    U = F.conv2d(x, eye.repeat(C, 1, 1, 1), stride=s, padding=p, dilation=d, groups=C)
+    return U.reshape(N, groups, (C // groups) * kk, -1)
+
+
 @register(nn.Conv1d, nn.Conv2d)
 class ConvRule(LayerRule):
     description = "closed form on the unfolded input (Linear formulas per group)"
@@ -35,17 +50,10 @@ class ConvRule(LayerRule):
 
     @staticmethod
     def _ug(rec, cot):
-        m, x = rec.module, rec.input
-        k, s, p, d = m.kernel_size, m.stride, m.padding, m.dilation
-        if isinstance(m, nn.Conv1d):
-            x = x.unsqueeze(2)
-            k, s, p, d = (1, k[0]), (1, s[0]), (0, p[0]), (1, d[0])
-        N, G = x.shape[0], m.groups
-        U = F.unfold(x, k, dilation=d, padding=p, stride=s)  # (N, C_in·kk, L)
-        L = U.shape[-1]
-        U = U.reshape(N, G, -1, L)
-        M = cot.shape[0]
-        g = cot.reshape(M, N, G, -1, L)
+        if "unfolded" not in rec.cache:
+            rec.cache["unfolded"] = _unfold(rec.module, rec.input, rec.module.groups)
+        U = rec.cache["unfolded"]
+        g = cot.reshape(cot.shape[0], U.shape[0], U.shape[1], -1, U.shape[-1])
         return U, g
 
     def _shape(self, rec, d, lead):
@@ -66,7 +74,11 @@ class ConvRule(LayerRule):
 
     def summed(self, rec, cot):
         U, g = self._ug(rec, cot)
-        d = {"weight": torch.einsum("mngol,ngil->mgoi", g, U)}
+        M, N, G, O, L = g.shape
+        # Σ over samples and positions as one batched GEMM per group
+        gf = g.permute(0, 2, 3, 1, 4).reshape(M, G, O, N * L)
+        Uf = U.permute(1, 0, 3, 2).reshape(G, N * L, U.shape[2])
+        d = {"weight": torch.matmul(gf, Uf)}
         if "bias" in rec.params:
             d["bias"] = g.sum((1, -1))
         return self._shape(rec, d, cot.shape[:1])
