@@ -131,7 +131,7 @@ class InverseOperator(LinearOperator):
         self.alg = alg
         self.x0 = x0
         self.solution = None
-        self._factor = self._dense = None
+        self._factor = None
         self._symmetric_checked = False
         tags = set()
         if is_self_adjoint(A):
@@ -252,7 +252,6 @@ class InverseOperator(LinearOperator):
                     raise ValueError("The operator is singular (LU found a zero pivot); "
                                      "use solvers.pinv(A) for a least-squares solution.")
                 self._factor = (LU, piv)
-            self._dense = M
         if isinstance(self.alg, Cholesky):
             X = torch.cholesky_solve(B, self._factor)
         else:
@@ -261,8 +260,8 @@ class InverseOperator(LinearOperator):
 
     def _dense_checked(self, X, B, finite_A: bool = True):
         """Record a dense solve and check it like the iterative ones: a non-finite A or x,
-        or a relative residual ‖b − A x‖/‖b‖ above √eps of the dtype (A numerically
-        singular), is a status that is reported, never silent."""
+        or a relative residual ‖b − A x‖/‖b‖ (one product with A) above the algorithm's
+        ``tol`` (√eps of the dtype by default), is a status that is reported, never silent."""
         from ._krylov_utils import col_norm
         from .dense_algs import residual_limit, singular_message
         from .result import Solution, Status
@@ -275,7 +274,7 @@ class InverseOperator(LinearOperator):
                        "finite), so nothing was solved; check how A was built.")
         else:
             bnorm = col_norm(B)
-            res = col_norm(B - self._dense @ X) / torch.where(bnorm > 0, bnorm, 1)
+            res = col_norm(B - self.A._matmat(X)) / torch.where(bnorm > 0, bnorm, 1)
             res = res.to(device="cpu", dtype=torch.float64)
             worst = float(res.max())
             if not bool(torch.isfinite(X).all()):
