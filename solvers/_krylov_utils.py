@@ -27,7 +27,7 @@ KEYWORD_ALIASES = {
     "maxiter": "max_iters", "max_iter": "max_iters", "maxiters": "max_iters",
     "max_iterations": "max_iters", "iters": "max_iters", "rtol": "tol", "M": "preconditioner",
     "precond": "preconditioner", "P": "preconditioner", "pc": "preconditioner",
-    "x_0": "x0", "callback": None,
+    "x_0": "x0",
 }  # fmt: skip
 
 
