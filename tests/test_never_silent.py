@@ -65,19 +65,20 @@ def test_auto_lu_on_a_numerically_singular_matrix_warns_with_the_residual():
         solvers.inv(Dense(M), alg=Auto(on_failure="raise")) @ b
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["float32", "float64"])
 @pytest.mark.parametrize("alg", [solvers.Dense(), solvers.Cholesky()], ids=["lu", "cholesky"])
-def test_dense_solves_of_good_systems_converge_and_record_their_residual(alg, dtype):
+def test_dense_solves_of_good_systems_converge_and_record_their_residual(alg, dtype, device):
     M, B = spd(30, 100.0), randn(30, 2, seed=5)
-    Ainv = solvers.inv(PSD(Dense(M.to(dtype))), alg=alg)
+    Md, Bd = M.to(dtype=dtype, device=device), B.to(dtype=dtype, device=device)
+    Ainv = solvers.inv(PSD(Dense(Md)), alg=alg)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        X = Ainv @ B.to(dtype)
+        X = Ainv @ Bd
     assert Ainv.solution.status is Status.CONVERGED
-    torch.testing.assert_close(X.double(), torch.linalg.solve(M, B),
+    torch.testing.assert_close(X.double().cpu(), torch.linalg.solve(M, B),
                                rtol=1e-3 if dtype == torch.float32 else 1e-10, atol=0)
-    ref = torch.linalg.vector_norm(B.to(dtype) - M.to(dtype) @ X, dim=0) / B.norm(dim=0)
-    torch.testing.assert_close(Ainv.solution.residuals[0], ref.double(), rtol=1e-3, atol=1e-7)
+    ref = torch.linalg.vector_norm(Bd - Md @ X, dim=0) / Bd.norm(dim=0)
+    torch.testing.assert_close(Ainv.solution.residuals[0], ref.double().cpu(), rtol=1e-3,
+                               atol=1e-7)
 
 
 def test_dense_tol_sets_the_residual_accepted():
@@ -113,7 +114,7 @@ def test_nan_operator_in_cholesky_is_reported_as_nan_not_as_indefinite():
 
 
 # ------------------------------------------------------------------ sqrt of a singular PSD A
-def test_lanczos_sqrt_of_a_singular_psd_matrix_is_finite_and_right():
+def test_lanczos_sqrt_of_a_singular_psd_matrix_is_finite_and_right(device):
     """float32 rounding puts Ritz values of a singular PSD A at about −2e-7, where sqrt is
     NaN; they are zero eigenvalues. The product must be finite and match the float64
     reference (half of the spectrum is zero)."""
@@ -121,8 +122,8 @@ def test_lanczos_sqrt_of_a_singular_psd_matrix_is_finite_and_right():
     Q = torch.linalg.qr(randn(n, n, seed=8))[0]
     lam = torch.cat([torch.zeros(n // 2, dtype=F64), torch.linspace(0.1, 1, n - n // 2,
                                                                     dtype=F64)])
-    A = PSD(Dense(((Q * lam) @ Q.T).float()))
-    V = randn(n, 4, seed=9).float()
+    A = PSD(Dense(((Q * lam) @ Q.T).float().to(device)))
+    V = randn(n, 4, seed=9).float().to(device)
     alg = solvers.Lanczos(max_iters=80, tol=1e-2)
     # the trap is there: some Ritz values are negative
     a, b, _ = lanczos_tridiag(A._matmat, V / V.norm(dim=0), 80)
@@ -130,8 +131,8 @@ def test_lanczos_sqrt_of_a_singular_psd_matrix_is_finite_and_right():
     assert bool((torch.linalg.eigvalsh(T).min(-1).values < 0).any())
     Y = solvers.sqrt(A, alg=alg) @ V
     assert torch.isfinite(Y).all()
-    ref = (Q * lam.sqrt()) @ Q.T @ V.double()
-    err = (Y.double() - ref).norm(dim=0) / ref.norm(dim=0)
+    ref = (Q * lam.sqrt()) @ Q.T @ V.double().cpu()
+    err = (Y.double().cpu() - ref).norm(dim=0) / ref.norm(dim=0)
     assert float(err.max()) < 1e-2
 
 
