@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
+import scipy.sparse
+import scipy.sparse.linalg
 import torch
 
 import linops
@@ -35,6 +37,7 @@ from linops import (
     Permutation,
     Transpose,
     Triangular,
+    from_scipy,
 )
 
 PSD_TAG, SA_TAG = "psd", "self_adjoint"
@@ -221,6 +224,12 @@ CASES: list[Case] = [
           np.tril(T44), repr="L(4×4)", diag=True),
     _case("triangular_upper", lambda dt, dev: Triangular(t(T44, dt, dev), lower=False),
           np.triu(T44), repr="U(4×4)", diag=True),
+    _case("sparse_from_scipy",
+          lambda dt, dev: from_scipy(scipy.sparse.csr_matrix(np.triu(M35)), dt, dev),
+          np.triu(M35), repr="Sparse(3×5, nnz=12)"),
+    _case("scipy_operator",
+          lambda dt, dev: from_scipy(scipy.sparse.linalg.aslinearoperator(M35), dt, dev),
+          M35, repr="scipy(3×5)"),
     _case("jacobian", lambda dt, dev: Jacobian(_tanh_layer, t(x4, dt, dev)), J_REF, repr="J"),
     _case("hessian", lambda dt, dev: Hessian(_quadratic_plus_sin, t(x4, dt, dev)),
           S44 - np.diag(np.sin(x4)), SAT, repr="H"),
