@@ -477,3 +477,46 @@ def test_an_operator_is_freed_by_reference_counting_alone(Op, arch):
         assert leaf() is None, "its linearization outlived it"
     finally:
         gc.enable()
+
+
+# ----------------------------------------------------------------------------- settings
+def test_the_users_own_settings_are_restored_not_the_defaults():
+    # a user who switched things off themselves finds them off again after every call
+    from linops.curvature._routes import RNN_CPU, RNN_CUDA, KernelSwitch
+
+    model, X, y = problem("transformer")
+    old_fast = torch.backends.mha.get_fastpath_enabled()
+    old_flash = torch.backends.cuda.flash_sdp_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    torch.backends.cuda.enable_flash_sdp(False)
+    try:
+        watch = Watch()
+        assert watch.before["mha_fastpath"] is False and watch.before["flash_sdp"] is False
+        G = watch(GGN, model, nn.CrossEntropyLoss(), (X, y), cache=True)
+        watch(G.__matmul__, torch.ones(G.shape[1], 2, dtype=F64))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(old_fast)
+        torch.backends.cuda.enable_flash_sdp(old_flash)
+    # the cuDNN and oneDNN switches (on a GPU and on a CPU): off inside, restored after,
+    # also when the pass raises
+    for switch, flag in ((RNN_CUDA, lambda: torch.backends.cudnn.enabled),
+                         (RNN_CPU, lambda: torch.backends.mkldnn.enabled)):
+        before = flag()
+        with pytest.raises(ZeroDivisionError):
+            with KernelSwitch((switch,))():
+                assert flag() is False
+                1 / 0  # noqa: B018
+        assert flag() == before
+
+
+def test_several_batches_without_a_cache():
+    # the transformer over two batches, re-linearized at every product, equals one batch
+    model, X, y = problem("transformer")
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    batches = [(X[:1], y[:3]), (X[1:], y[3:])]
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=F64)
+    for Op in (GGN, Hessian):
+        whole = Op(model, loss_fn, (X, y)) @ V
+        split = Op(model, loss_fn, batches)
+        assert not split.cached
+        _close(split @ V, whole, 1e-10)

@@ -205,7 +205,9 @@ class Linearization:
             jv = self._jvp_forward(V, k)
         except torch.OutOfMemoryError:
             raise
-        except RuntimeError as forward_err:
+        except Exception as forward_err:  # noqa: BLE001 - the build's forward pass ran, so
+            # what fails here is forward mode itself (a missing rule, dual tensors in an
+            # operation that does not take them): the double backward is tried instead
             try:
                 jv = self._jvp_double_backward(V, k, fallback=False)
             except torch.OutOfMemoryError:
@@ -273,7 +275,7 @@ class Linearization:
                 return self._jvp_vmapped(primals, V, k)
             except torch.OutOfMemoryError:
                 raise
-            except RuntimeError:  # an operation without a batching rule: loop instead
+            except Exception:  # noqa: BLE001 - an operation vmap cannot batch: loop instead
                 self._vmap_ok = False
         return torch.stack([self._jvp_dual(primals, [v[i] for v in V]) for i in range(k)])
 
