@@ -11,6 +11,7 @@ from .blockdiag import BlockDiag
 from .dense import Dense
 from .diagonal import Diagonal, I_like, Identity
 from .kronecker import Kronecker
+from .kronecker_eigen import KroneckerEigen
 from .lowrank import LowRank
 from .operator import LinearOperator
 from .params import ParamSpace
@@ -33,6 +34,7 @@ __all__ = [
     "Product",
     "Transpose",
     "Kronecker",
+    "KroneckerEigen",
     "BlockDiag",
     "LowRank",
     "Permutation",

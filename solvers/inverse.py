@@ -418,6 +418,11 @@ def inv_rule(A: Triangular, alg: object) -> LinearOperator:  # noqa: F811
 
 @dispatch
 def inv_rule(A: Sum, alg: object) -> LinearOperator:  # noqa: F811
+    from .kronecker_eigen import shifted_structure
+
+    structured = shifted_structure(A)  # B + c·I with B BlockDiag / Kronecker: exact
+    if structured is not None:
+        return inv_rule(structured, alg)
     w = _woodbury_parts(A)
     if w is None or not bool((w[0] != 0).all()):  # Woodbury needs an invertible diagonal
         return _generic_inverse(A, alg)
@@ -577,3 +582,7 @@ def pinv_rule(A: BlockDiag, alg: object) -> LinearOperator:  # noqa: F811
 @dispatch
 def pinv_rule(A: Permutation, alg: object) -> LinearOperator:  # noqa: F811
     return A.inverse()
+
+
+# the rules of KroneckerEigen and of shifted BlockDiag / Kronecker operators
+from . import kronecker_eigen as _kronecker_eigen  # noqa: E402, F401

@@ -200,6 +200,11 @@ def slogdet_rule(A: Product, alg: object) -> tuple:  # noqa: F811
 @dispatch
 def slogdet_rule(A: Sum, alg: object) -> tuple:  # noqa: F811
     from .inverse import _woodbury_parts
+    from .kronecker_eigen import shifted_structure
+
+    structured = shifted_structure(A)  # B + c·I with B BlockDiag / Kronecker: exact
+    if structured is not None:
+        return slogdet_rule(structured, alg)
 
     w = _woodbury_parts(A)
     if w is None or not bool((w[0] != 0).all()):  # the lemma needs an invertible diagonal

@@ -172,10 +172,14 @@ def unary_rule(f: object, A: BlockDiag, alg: object) -> LinearOperator:  # noqa:
 @dispatch
 def unary_rule(f: object, A: Sum, alg: object) -> LinearOperator:  # noqa: F811
     from .eigen import _split_shift
+    from .kronecker_eigen import shifted_structure
 
     shift, rest = _split_shift(A)
     if shift is None:
         return unary_rule.invoke(object, LinearOperator, object)(f, A, alg)
+    structured = shifted_structure(A)  # B + c·I with B BlockDiag / Kronecker: exact
+    if structured is not None and not isinstance(rest, Diagonal):
+        return unary_rule(f, structured, alg)
     if isinstance(rest, (Diagonal, Identity)) or (
         isinstance(rest, ScalarMul) and isinstance(rest.op, (Diagonal, Identity))
     ):
