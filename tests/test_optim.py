@@ -280,26 +280,9 @@ def test_cg_newton_unconverged_block_is_reported():
 
 
 # ---------------------------------------------------------------------- DiagGGN
-class _DenseDiagGGN(linops.Diagonal):
-    """A stand-in for linops.curvature.DiagGGN (the layer-wise engine) built from the dense
-    GGN / Monte-Carlo Fisher, with the engine's interface."""
-
-    def __init__(self, model, loss_fn, data, *, params=None, mc_samples=None, seed=None):
-        if mc_samples is None:
-            op = linops.curvature.GGN(model, loss_fn, data, params=params)
-        else:
-            op = linops.curvature.MCFisher(model, loss_fn, data, params=params,
-                                           mc_samples=mc_samples, seed=seed)
-        super().__init__(torch.diagonal(op.to_dense()).clone())
-        self.param_space = op.param_space
-        self.loss, self.gradient = op.loss, op.gradient
-        self.output = op._states[0]["out"]
-
-
 @pytest.fixture
-def diag_engine(monkeypatch):
-    if not hasattr(linops.curvature, "DiagGGN"):
-        monkeypatch.setattr(linops.curvature, "DiagGGN", _DenseDiagGGN, raising=False)
+def diag_engine():
+    """The layer-wise engine's diagonal (``linops.curvature.DiagGGN``)."""
     return linops.curvature.DiagGGN
 
 

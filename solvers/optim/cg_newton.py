@@ -69,7 +69,8 @@ class CGNewton(CurvatureOptimizer):
         alpha: ``α`` in [0, 1], the weight of the identity (1: gradient descent). Per group;
             a block's parameters must share it.
         cg_tol, cg_atol: CG's relative and absolute tolerances (≥ 0). Per group (as alpha).
-        cg_maxiter: at most this many CG iterations per step (None: 10 × the block size).
+        cg_maxiter: at most this many CG iterations per step (None: 10 × the number of
+            parameters).
         curvature: ``"ggn"`` or ``"hessian"`` (``"pch-abs"``, ``"pch-clip"``: issue 8).
         blocks: ``"parameter"``, ``"layer"`` or ``"full"``.
         approximation: ``"exact"`` (``"kfra"``, ``"kflr"``: issue 8).

@@ -64,13 +64,7 @@ class DiagGGN(CurvatureOptimizer):
                          allow_train_mode=allow_train_mode)
 
     def _update(self, chosen, batch):
-        engine = getattr(linops.curvature, "DiagGGN", None)
-        if engine is None:  # pragma: no cover - until the layer-wise engine lands
-            raise RuntimeError(
-                "solvers.optim.DiagGGN needs linops.curvature.DiagGGN (the layer-wise "
-                "engine), which this linops does not have yet. Use GaussNewton or CGNewton "
-                "meanwhile."
-            )
+        engine = linops.curvature.DiagGGN
         named = {n: p for n, p, _ in chosen}
         seed = None
         if self.curvature == "mc":
