@@ -75,8 +75,11 @@ __all__ = ["quantities", "QUANTITY_NAMES", "Engine"]
 FIRST_ORDER = ("grad_batch", "batch_l2", "sum_grad_squared", "variance")
 SECOND_ORDER = ("diag_ggn_exact", "diag_ggn_exact_batch", "diag_ggn_mc", "diag_ggn_mc_batch",
                 "diag_h", "diag_h_batch", "sqrt_ggn_exact", "sqrt_ggn_mc")
+#: BackPACK's Kronecker factors (``linops.curvature.kfac``): ``[G, A]`` per weight, ``[G]``
+#: per bias
+KRONECKER = ("kfac", "kflr", "kfra")
 #: every name ``quantities`` knows
-QUANTITY_NAMES = FIRST_ORDER + SECOND_ORDER
+QUANTITY_NAMES = FIRST_ORDER + SECOND_ORDER + KRONECKER
 #: names with one entry per sample (concatenated over batches, kept in memory)
 PER_SAMPLE = ("grad_batch", "batch_l2", "diag_ggn_exact_batch", "diag_ggn_mc_batch",
               "diag_h_batch", "sqrt_ggn_exact", "sqrt_ggn_mc")
@@ -146,13 +149,13 @@ class Engine:
         return torch.Generator(device=self.device).manual_seed(self.seed)
 
     # ------------------------------------------------------------------ one batch
-    def batch(self, X, y, want: set, generator, gradient: bool = False) -> dict:
-        """The raw (unscaled, summed-loss) quantities of one batch: ``{name: {param:
-        tensor}}`` plus ``"_gradient"``, ``"_value"``, ``"_count"``, ``"_N"``,
-        ``"_output"``."""
-        need_h = bool(want & {"diag_h", "diag_h_batch"})
+    def prepare(self, X, y, sets: set, generator, activations: bool = False):
+        """One batch's forward pass with records and the cotangent column sets (``"grad"``
+        always, ``"exact"``: the loss Hessian's square root, ``"mc"``: sampled) back-
+        propagated to every recorded layer in one batched pass. Returns ``(plan,
+        loss_state, output, N)``."""
         rec = record_forward(self.model, self.tensors, self.names, X, self.owners,
-                             activations=need_h)
+                             activations=activations)
         out = rec.output
         if out.dtype != self.dtype:
             raise ValueError(
@@ -163,20 +166,31 @@ class Engine:
         loss_state = self.loss_curv.prepare(out, y)
         plan = _Plan(self, rec, N)
         plan._input = X
-        if need_h:
-            plan.check_hessian_graph()
+        cols = {"grad": self.loss_curv.residual(loss_state).unsqueeze(0)}
+        if "exact" in sets:
+            cols["exact"] = self.loss_curv.hessian_sqrt(loss_state)
+        if "mc" in sets:
+            S = self.mc_samples
+            cols["mc"] = self.loss_curv.sampled_residuals(loss_state, S, generator) / S**0.5
+        if sets and out.shape[0] != N:
+            raise ValueError(_rows_message(out, N))
+        plan.propagate(out, cols)
+        return plan, loss_state, out, N
 
-        # the cotangent column sets, back-propagated in one batched pass
-        sets = {"grad": self.loss_curv.residual(loss_state).unsqueeze(0)}
+    def batch(self, X, y, want: set, generator, gradient: bool = False) -> dict:
+        """The raw (unscaled, summed-loss) quantities of one batch: ``{name: {param:
+        tensor}}`` plus ``"_gradient"``, ``"_value"``, ``"_count"``, ``"_N"``,
+        ``"_output"``."""
+        need_h = bool(want & {"diag_h", "diag_h_batch"})
+        sets = set()
         if want & {"diag_ggn_exact", "diag_ggn_exact_batch", "sqrt_ggn_exact", "diag_h",
                    "diag_h_batch"}:
-            sets["exact"] = self.loss_curv.hessian_sqrt(loss_state)
+            sets.add("exact")
         if want & {"diag_ggn_mc", "diag_ggn_mc_batch", "sqrt_ggn_mc"}:
-            S = self.mc_samples
-            sets["mc"] = self.loss_curv.sampled_residuals(loss_state, S, generator) / S**0.5
-        if want & set(SECOND_ORDER) and out.shape[0] != N:
-            raise ValueError(_rows_message(out, N))
-        plan.propagate(out, sets)
+            sets.add("mc")
+        plan, loss_state, out, N = self.prepare(X, y, sets, generator, need_h)
+        if need_h:
+            plan.check_hessian_graph()
 
         res = {}
         for name in want:
@@ -617,7 +631,7 @@ def run(engine: Engine, data, names, progress: bool = False, gradient: bool = Fa
 
 
 def quantities(model, loss_fn, data, names, *, params=None, mc_samples: int = 1, seed=None,
-               progress: bool = False) -> dict:
+               progress: bool = False, kfac_approx: str = "backpack") -> dict:
     """BackPACK's per-sample and curvature quantities, every name from one engine.
 
     ``quantities(model, loss_fn, data, names)`` returns ``{name: {param_name: tensor}}``
@@ -648,6 +662,14 @@ def quantities(model, loss_fn, data, names, *, params=None, mc_samples: int = 1,
         seed: seed of those draws (reproducible bit for bit); None uses torch's global
             generator.
         progress: a tqdm progress bar over the batches.
+        kfac_approx: the convention of the Kronecker names for weights shared over
+            positions (sequences, convolutions): ``"backpack"`` (BackPACK's), ``"expand"``
+            or ``"reduce"`` (see ``linops.curvature.kfac``).
+
+    The Kronecker names ``kfac`` (``mc_samples`` sampled columns), ``kflr`` (exact) and
+    ``kfra`` (KFRA, MLP chains only) give BackPACK's factors: ``[G, A]`` for a weight
+    (``G ⊗ A`` approximates its block; G is out × out, A in × in), ``[G]`` for a bias, for
+    ``nn.Linear`` and ``nn.Conv1d``/``Conv2d`` (groups = 1); they take a pass of their own.
 
     Raises:
         ValueError: an unknown name (the message lists the valid ones), ``mc_samples <
@@ -665,5 +687,17 @@ def quantities(model, loss_fn, data, names, *, params=None, mc_samples: int = 1,
         (torch.Size([5, 3, 12]), torch.Size([3]))
     """
     names = _check_names(names)
-    engine = Engine(model, loss_fn, params, mc_samples=mc_samples, seed=seed)
-    return run(engine, data, names, progress)[0]
+    out = {}
+    kron = [n for n in names if n in KRONECKER]
+    if kron:
+        from .kfac import kfac_factors
+
+        for n in kron:
+            out[n] = kfac_factors(model, loss_fn, data, fisher="mc" if n == "kfac" else "exact",
+                                  kfra=n == "kfra", mc_samples=mc_samples, seed=seed,
+                                  kfac_approx=kfac_approx, params=params)
+    rest = [n for n in names if n not in KRONECKER]
+    if rest:
+        engine = Engine(model, loss_fn, params, mc_samples=mc_samples, seed=seed)
+        out.update(run(engine, data, rest, progress)[0])
+    return {n: out[n] for n in names}
