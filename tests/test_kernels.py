@@ -85,7 +85,8 @@ BAD_CONFIGS = [
     (LOBPCG, dict(block_size=0), ValueError),
     (LOBPCG, dict(preconditioner="jacobi"), TypeError),
     (Cholesky, dict(on_failure="never"), ValueError),
-    (Eigh, dict(tol=1e-3), TypeError),
+    (Eigh, dict(tol=-1.0), ValueError),
+    (Eigh, dict(atol=1e-3), TypeError),
     (Dense, dict(on_failure=None), ValueError),
 ]
 
