@@ -52,7 +52,13 @@ class Diagonal(LinearOperator):
 
 
 class Identity(LinearOperator):
-    """The n×n identity I."""
+    """The n×n identity I: ``Identity(n, dtype=torch.float32, device=None)`` (the size first;
+    ``I_like(A)`` takes all three from A).
+
+    Example:
+        >>> Identity(2, torch.float64) @ torch.ones(2, dtype=torch.float64)
+        tensor([1., 1.], dtype=torch.float64)
+    """
 
     symbol = "I"
     _default_tags = frozenset({"self_adjoint", "psd"})
