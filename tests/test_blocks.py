@@ -356,7 +356,18 @@ class _Product(nn.Module):
         return x @ self.A @ self.B
 
 
+class _Gram(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        return (h.unsqueeze(2) @ h.unsqueeze(1)).flatten(1)[:, :2]  # quadratic in a's params
+
+
 @pytest.mark.parametrize("make,match", [
+    (_Gram, "both depend on"),
     (lambda: nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)), "LayerNorm"),
     (_Functional, "TanhBackward"),
     (_Tied, "several times"),

@@ -29,8 +29,9 @@ is linear or piecewise linear (Linear, convolutions, eval-mode BatchNorm, poolin
 residual additions, reshapes) and no parameter is used twice: then the only second-order
 terms inside a block are the activations' (products of two parameters only couple
 different blocks). The layer-wise engine's graph check (``_Plan.check_hessian_graph``)
-verifies this on every batch; other models raise for ``"hessian"`` and ``"pch-*"`` (the
-GGN takes any model).
+verifies this on every batch, and a check of our own that no matrix product multiplies two
+tensors depending on one parameter (``h @ h.T``); other models raise for ``"hessian"`` and
+``"pch-*"`` (the GGN takes any model).
 
 No block is formed. Per batch the operator runs one forward pass (recording the
 activations' inputs h_a), back-propagates the gradient to the activations once (for R),
@@ -54,7 +55,7 @@ from ._base import CurvatureOperator
 from ._data import require_terms
 from ._mlp import _activation
 from ._records import param_owners, record_forward
-from .quantities import Engine, _num_samples, _Plan
+from .quantities import Engine, _node_kind, _num_samples, _Plan
 
 __all__ = ["BlockDiagCurvature", "block_product_callables", "CURVATURES", "BLOCKINGS"]
 
@@ -69,6 +70,50 @@ QUANTITY_CURVATURES = {"ggnmp": "ggn", "hmp": "hessian", "pchmp_abs": "pch-abs",
 #: between two parameters of the module): a layer block of them is exact for the Hessian
 _AFFINE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
                   nn.ConvTranspose2d, nn.ConvTranspose3d, nn.modules.batchnorm._BatchNorm)
+
+
+#: graph nodes bilinear in two of their operands (matrix products, convolutions,
+#: batch norm's x·w, elementwise products): a second-order term couples the parameters the
+#: two operands depend on
+_BILINEAR = frozenset("""
+MmBackward BmmBackward MvBackward AddmmBackward AddmvBackward AddbmmBackward
+BaddbmmBackward DotBackward LinalgVecdotBackward ConvolutionBackward MulBackward
+DivBackward NativeBatchNormBackward CudnnBatchNormBackward MiopenBatchNormBackward
+""".split())
+
+
+def _check_no_self_product(output, leaves, names):
+    """Raise if a bilinear operation multiplies two operands that depend on one parameter
+    (``h @ h.T`` with ``h = layer(x)``): a second-order term inside that parameter's block
+    which no activation holds. (``check_hessian_graph`` counts matrix products as linear,
+    right only when their operands depend on different parameters.)"""
+    ids = {id(t): n for t, n in zip(leaves, names)}
+    deps, stack = {}, [(output.grad_fn, False)] if output.grad_fn is not None else []
+    while stack:
+        node, done = stack.pop()
+        if node in deps:
+            continue
+        inputs = [fn for fn, _ in node.next_functions if fn is not None]
+        if not done:
+            stack.append((node, True))
+            stack.extend((fn, False) for fn in inputs if fn not in deps)
+            continue
+        var = getattr(node, "variable", None)
+        own = frozenset({ids[id(var)]}) if var is not None and id(var) in ids else frozenset()
+        sets = [deps[fn] for fn in inputs]
+        if _node_kind(node) in _BILINEAR:
+            seen = set()
+            for d in sets:
+                both = seen & d
+                if both:
+                    raise ValueError(
+                        f"The graph multiplies two tensors that both depend on "
+                        f"{sorted(both)[:3]} ({node.name()}, e.g. h @ h.T with h = "
+                        "layer(x)): a second-order term inside the block that the "
+                        "activation terms do not hold."
+                    )
+                seen |= d
+        deps[node] = own.union(*sets)
 
 
 def _check_choice(value, choices, what):
@@ -164,15 +209,16 @@ class _BlockEngine(CurvatureOperator):
                     f"{self.dtype}; make them agree (model.to(dtype), inputs of that dtype)."
                 )
             plan = _Plan(eng, rec, _num_samples(X, out))
+            leaves = [rec.leaves[n] for n in names]
             try:
                 plan.check_hessian_graph()
+                _check_no_self_product(out, leaves, names)
             except ValueError as err:
                 raise ValueError(
                     f"BlockDiagCurvature(curvature={self.curvature!r}) needs the model "
                     f"class where the exact Hessian diagonal is exact, and the check says: "
                     f"{err} For block-diagonal curvature on this model use curvature='ggn'."
                 ) from None
-            leaves = [rec.leaves[n] for n in names]
             acts = rec.activations
         loss_state = self._loss_curv.prepare(out, y)
         state = {"loss": loss_state, "out": out.detach(), "y": y}
@@ -354,10 +400,12 @@ class BlockDiagCurvature(BlockDiag):
     Cost: per batch one forward pass, one reverse pass for the activations' gradients and
     one reverse pass with ``create_graph=True`` (over one batch, or ``cache=True``: once;
     else at every product). A product with k columns then costs, per block, two reverse
-    passes of k columns over the graph downstream of the block's parameters (a full
-    product: about 2·d such passes for d blocks; ``op.blocks[b] @ x`` multiplies block b
-    alone). No forward pass per product (the GGN of a model with a backward that cannot be
-    differentiated twice falls back to forward mode, which re-runs the forward pass).
+    passes of k columns over the part of the graph downstream of the block's parameters,
+    computing parameter gradients for that block only; in all about one GGN product
+    (measured 1.0-1.3× ``GGN(..., route="double backward")`` on an MLP 784-256-128-10,
+    batch 128, CPU). ``op.blocks[b] @ x`` multiplies block b alone. No forward pass per
+    product (the GGN of a model with a backward that cannot be differentiated twice falls
+    back to forward mode, which re-runs the forward pass).
 
     Args:
         model: a ``torch.nn.Module`` in eval mode.
