@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import DEVICE_PARAMS
 from torch import nn
 
 from linops import is_psd, is_self_adjoint
@@ -317,6 +318,20 @@ def test_ggn_of_a_model_without_double_backward_falls_back_to_forward_mode():
         BlockDiagCurvature(model, loss_fn, (X, y), curvature="hessian")
 
 
+@pytest.mark.parametrize("device", [p for p in DEVICE_PARAMS if p.id == "cuda"])
+def test_on_cuda_equals_cpu(device):
+    model, (X, y) = _net(), _data()
+    loss_fn = nn.CrossEntropyLoss()
+    v = torch.randn(39, 3, dtype=F64)
+    for curvature in CURVATURES:
+        cpu = BlockDiagCurvature(model, loss_fn, (X, y), curvature=curvature) @ v
+        gpu = BlockDiagCurvature(model.to(device), loss_fn, (X.to(device), y.to(device)),
+                                 curvature=curvature)
+        assert gpu.device.type == "cuda" and gpu.engine.vectorize
+        _assert_close((gpu @ v.to(device)).cpu(), cpu, f"cuda {curvature}")
+        model.cpu()
+
+
 # ----------------------------------------------------------------- bad input
 def test_unknown_names_list_the_valid_ones():
     model, (X, y) = _net(), _data()
@@ -326,6 +341,15 @@ def test_unknown_names_list_the_valid_ones():
         BlockDiagCurvature(model, nn.CrossEntropyLoss(), (X, y), blocks="module")
     with pytest.raises(ValueError, match="hmp"):
         block_product_callables(model, nn.CrossEntropyLoss(), (X, y), "hessian_mp")
+    named = dict(model.named_parameters())
+    shuffled = {n: named[n] for n in ["0.weight", "2.weight", "0.bias", "2.bias", "4.weight",
+                                      "4.bias"]}
+    with pytest.raises(ValueError, match="named_parameters"):
+        BlockDiagCurvature(model, nn.CrossEntropyLoss(), (X, y), blocks="layer",
+                           params=shuffled)
+    # per parameter, any order is a layout (the GGN's, for the same params)
+    op = BlockDiagCurvature(model, nn.CrossEntropyLoss(), (X, y), params=shuffled)
+    assert op.param_space.names == tuple(shuffled)
 
 
 class _Functional(nn.Module):

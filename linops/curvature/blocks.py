@@ -509,7 +509,8 @@ class BlockDiagCurvature(BlockDiag):
 
 
 def block_product_callables(model: nn.Module, loss_fn: nn.Module, data, curvature: str,
-                            params=None) -> dict:
+                            params=None, *, cache: bool = False, progress: bool = False,
+                            vectorize: bool | None = None) -> dict:
     """BackPACK-style block products: ``{param_name: f}`` with ``f(V)`` = the parameter's
     block of ``curvature`` times each of the V matrices in ``V`` (shape ``(V, *p.shape)``,
     returned in the same shape) — BackPACK's ``p.ggnmp(V)``, ``p.hmp(V)``,
@@ -517,9 +518,11 @@ def block_product_callables(model: nn.Module, loss_fn: nn.Module, data, curvatur
 
     ``curvature`` is one of ``CURVATURES`` or a ``quantities`` name (``"ggnmp"``,
     ``"hmp"``, ``"pchmp_abs"``, ``"pchmp_clip"``). The callables share one
-    ``BlockDiagCurvature(..., blocks="parameter")`` (its linearization is cached: over a
-    DataLoader each call passes over the data); a call costs two reverse passes of V
-    columns per batch over the graph downstream of the parameter.
+    ``BlockDiagCurvature(..., blocks="parameter")`` (over one batch its linearization is
+    kept; over a DataLoader each call passes over the data unless ``cache=True``); a call
+    costs two reverse passes of V columns per batch over the graph downstream of the
+    parameter. ``params``, ``cache``, ``progress``, ``vectorize``: as for
+    ``BlockDiagCurvature``.
 
     Example:
         >>> import torch
@@ -535,7 +538,8 @@ def block_product_callables(model: nn.Module, loss_fn: nn.Module, data, curvatur
         curvature = QUANTITY_CURVATURES[curvature]
     _check_choice(curvature, CURVATURES + tuple(QUANTITY_CURVATURES), "curvature")
     op = BlockDiagCurvature(model, loss_fn, data, curvature=curvature, blocks="parameter",
-                            params=params)
+                            params=params, cache=cache, progress=progress,
+                            vectorize=vectorize)
     out = {}
     for block, names in zip(op.blocks, op.block_names):
         (name,) = names
