@@ -357,10 +357,24 @@ def test_per_sample_names_too_large_say_how_much(monkeypatch):
     quantities(model, nn.CrossEntropyLoss(), loader, ["sum_grad_squared"])  # summed: fine
 
 
+def test_readme_holds_the_generated_supported_layers_table():
+    from pathlib import Path
+
+    from linops.curvature.layers import supported_layers_table
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    start = readme.index("<!-- supported-layers table: generated")
+    block = readme[readme.index("\n", start) + 1:readme.index("<!-- end of the supported")]
+    assert block.strip() == supported_layers_table().strip(), (
+        "README's supported-layers table is out of date: paste "
+        "linops.curvature.layers.supported_layers_table() between its markers.")
+
+
 def test_supported_layers_table_comes_from_the_registry():
     rows = dict(supported_layers())
     assert "closed form" in rows["nn.Linear"] and "closed form" in rows["nn.Conv2d"]
-    assert "torch.func" in rows["any other module owning parameters"]
+    assert any("torch.func" in how for module, how in rows.items()
+               if module.startswith("any other module owning parameters"))
     assert set(QUANTITY_NAMES) >= {"grad_batch", "diag_h_batch", "sqrt_ggn_mc"}
 
 

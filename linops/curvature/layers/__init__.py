@@ -14,7 +14,15 @@ is the table of which module takes which path, read from this registry.
 """
 
 from . import conv, linear  # noqa: E402  (registers the rules)
-from ._base import REGISTRY, LayerRule, ModuleRule, register, rule_for, supported_layers
+from ._base import (
+    REGISTRY,
+    LayerRule,
+    ModuleRule,
+    register,
+    rule_for,
+    supported_layers,
+    supported_layers_table,
+)
 
 __all__ = ["REGISTRY", "LayerRule", "ModuleRule", "register", "rule_for",
-           "supported_layers", "conv", "linear"]
+           "supported_layers", "supported_layers_table", "conv", "linear"]

@@ -34,6 +34,8 @@ class LayerRule:
 
     #: how the supported-layers table describes the rule
     description = ""
+    #: what K-FAC does with the layer's weight (for the table)
+    kronecker = "dense GGN block (up to 4096 entries) or dropped"
 
     def problem(self, rec) -> str | None:
         """Why the rule cannot take this call (None if it can)."""
@@ -113,8 +115,23 @@ def rule_for(module: nn.Module) -> LayerRule:
 def supported_layers() -> list[tuple[str, str]]:
     """``[(module type, how its parameters' quantities are computed)]``, from the
     registry, plus the generic paths."""
-    rows = sorted((f"nn.{t.__name__}", r.description) for t, r in REGISTRY.items())
-    rows.append(("any other module owning parameters", MODULE_RULE.description))
-    rows.append(("a parameter no module call records",
-                 "torch.func per-sample vjp of the whole model"))
+    return [row[:2] for row in _rows()]
+
+
+def _rows():
+    rows = sorted((f"nn.{t.__name__}", r.description, r.kronecker) for t, r in REGISTRY.items())
+    rows.append(("any other module owning parameters (Conv3d, ConvTranspose, BatchNorm, "
+                 "LayerNorm, GroupNorm, Embedding, ...)", MODULE_RULE.description,
+                 MODULE_RULE.kronecker))
+    rows.append(("a parameter no module call records (used in a parent's forward)",
+                 "torch.func per-sample vjp of the whole model", MODULE_RULE.kronecker))
     return rows
+
+
+def supported_layers_table() -> str:
+    """The supported-layers table of the README, in Markdown, generated from the registry
+    (``tests/test_quantities.py`` checks that the README holds exactly this)."""
+    lines = ["| module | per-sample, diagonal and square-root quantities | Kronecker factors "
+             "(KFAC, KFLR, KFRA, EKFAC) |", "|---|---|---|"]
+    lines += [f"| {m} | {d} | {k} |" for m, d, k in _rows()]
+    return "\n".join(lines)

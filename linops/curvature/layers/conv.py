@@ -39,6 +39,7 @@ def _unfold(m, x, groups):
 @register(nn.Conv1d, nn.Conv2d)
 class ConvRule(LayerRule):
     description = "closed form on the unfolded input (Linear formulas per group)"
+    kronecker = "KFC: G ⊗ A over the unfolded input (groups = 1; other groups: dense block)"
 
     def problem(self, rec):
         m = rec.module

@@ -83,6 +83,7 @@ def sq_norm(a, g, bias: bool):
 @register(nn.Linear)
 class LinearRule(LayerRule):
     description = "closed form (einsum; ‖a‖²‖g‖² and the Gram identity for norms)"
+    kronecker = "G ⊗ A; inputs with extra dimensions by `expand` or `reduce`; KFRA in MLP chains"
 
     def problem(self, rec):
         if rec.input.ndim < 2:
