@@ -76,6 +76,25 @@ def test_blocks_equal_diagonal_blocks_of_the_dense_matrix(curvature, reference, 
     assert float((full * ~_mask(op)).abs().max()) > 1e-3
 
 
+@pytest.mark.parametrize("loss_fn", [nn.MSELoss(), nn.BCEWithLogitsLoss(reduction="sum")],
+                         ids=["mse-mean", "bce-sum"])
+def test_hessian_and_pch_blocks_with_other_losses(loss_fn):
+    model = _net()
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(5, 3, generator=g, dtype=F64)
+    y = torch.rand(5, 2, generator=g, dtype=F64)
+    full = Hessian(model, loss_fn, (X, y)).to_dense()
+    op = BlockDiagCurvature(model, loss_fn, (X, y), curvature="hessian", blocks="layer")
+    _assert_close(op.to_dense(), full * _mask(op), f"{loss_fn} Hessian blocks")
+    pch_op = BlockDiagCurvature(model, loss_fn, (X, y), curvature="pch-abs")
+    pch, mask = pch_op.to_dense(), _mask(pch_op)
+    ggn = GGN(model, loss_fn, (X, y)).to_dense()
+    # |R| ≥ R and |R| ≥ 0: PCH − H and PCH − GGN are PSD (block-diagonal), and not zero
+    for D in (pch - full * mask, pch - ggn * mask):
+        eig = torch.linalg.eigvalsh(D)
+        assert float(eig.min()) >= -1e-10 and float(eig.max()) > 1e-6
+
+
 def test_hessian_blocks_differ_from_ggn_blocks_and_tags():
     model, (X, y) = _net(), _data()
     loss_fn = nn.CrossEntropyLoss()
