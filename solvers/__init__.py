@@ -8,12 +8,12 @@ algorithms ``Auto``, ``CG``, ``MINRES``, ``GMRES``, ``Lanczos``, ``PowerIteratio
 ``solvers.optim`` (``GaussNewton``, ``CGNewton``, ``DiagGGN``).
 """
 
-from . import optim
+from . import diagnostics, optim
 from .auto import Auto
 from .cg import CG
 from .dense_algs import Cholesky, Dense, Eigh
 from .eigen import EigResult, cond, eig, eig_rule, eigmax, eigmin
-from .estimators import Hutchinson, HutchPP
+from .estimators import Estimate, Hutchinson, HutchPP, XDiag, XTrace
 from .gmres import GMRES
 from .inverse import InverseOperator, inv, inv_rule, pinv, pinv_rule, solve
 from .lanczos import Lanczos
@@ -28,7 +28,7 @@ from .unary import apply_unary, exp, isqrt, log, pow, sqrt, unary_rule
 
 __all__ = [
     "Auto", "CG", "MINRES", "GMRES", "Lanczos", "PowerIteration", "LOBPCG", "Cholesky",
-    "Eigh", "Dense", "Hutchinson", "HutchPP", "SLQ",
+    "Eigh", "Dense", "Hutchinson", "HutchPP", "XTrace", "XDiag", "Estimate", "SLQ",
     "inv", "solve", "pinv", "eig", "eigmax", "eigmin", "cond", "EigResult", "trace", "diag",
     "logdet", "slogdet", "sqrt", "isqrt", "exp", "log", "pow", "apply_unary",
     "jacobi", "nystrom", "pivoted_cholesky",

@@ -626,3 +626,90 @@ def lanczos_tridiag(
         cut = int(dead[0]) + 1 if dead.numel() else m
         return alphas[:cut, 0], betas[: cut - 1, 0], Q[:, :cut, 0]
     return alphas, betas[: m - 1], Q
+
+
+def lanczos_probes(
+    matmat: Matmat, V0: torch.Tensor, num_steps: int, reorthogonalize: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Independent Lanczos runs from the p columns of ``V0``, sharing every product.
+
+    Step j multiplies A once with the p current vectors (an ``(n, p)`` block), so p probes
+    × m steps cost m calls of ``matmat`` on p columns; the coefficients are kept in float64
+    on the device and nothing synchronizes with the host inside the loop. This is the
+    kernel of stochastic Lanczos quadrature (``solvers.diagnostics.spectral_density``).
+
+    Args:
+        matmat: ``X -> A X`` for X (n, p); A symmetric (assumed, not checked).
+        V0: start vectors (n, p), nonzero and finite; half precision runs in float32.
+        num_steps: steps m ≥ 1 (capped at n).
+        reorthogonalize: full reorthogonalization of each run against its own basis (one
+            Gram-Schmidt pass per step, stored as ``(p, m, n)``; ``O(n·m·p)`` memory and
+            ``O(n·j·p)`` work at step j). Without it (the default) the memory is three
+            blocks and the work outside the products ``O(n·p)`` per step: rounding then
+            creates spurious copies of converged Ritz values, but their quadrature weights
+            add up to the weight of the one they copy, so the quadrature measure stays
+            accurate (Knizhnerman 1996; Chen, Trogdon & Ubaru 2021).
+
+    Returns:
+        ``(alphas (m, p), betas (m − 1, p), lengths (p,))``, float64 on the device: the
+        tridiagonal coefficients of each run, and how many steps each ran before an
+        invariant subspace (``βⱼ ≈ 0``: the coefficients after it are zero, so the
+        tridiagonal matrix decouples and its extra eigenpairs carry no weight).
+
+    Example:
+        >>> import torch
+        >>> A = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+        >>> a, b, lens = lanczos_probes(lambda X: A @ X, torch.ones(3, 2, dtype=torch.float64), 3)
+        >>> T = torch.diag(a[:, 0]) + torch.diag(b[:, 0], 1) + torch.diag(b[:, 0], -1)
+        >>> torch.linalg.eigvalsh(T).round(decimals=6), lens.tolist()
+        (tensor([1., 2., 3.], dtype=torch.float64), [3, 3])
+    """
+    if not isinstance(V0, torch.Tensor) or V0.ndim != 2:
+        raise ValueError("lanczos_probes: V0 must be a tensor of shape (n, p).")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"lanczos_probes: num_steps must be a positive int, got {num_steps!r}.")
+    check_dtype("lanczos_probes: V0", V0.dtype)
+    matmat, dtype = in_working_precision(matmat, V0.dtype)
+    n, p = V0.shape
+    m = min(num_steps, n)
+    device = V0.device
+    eps, tiny = torch.finfo(dtype).eps, torch.finfo(dtype).tiny
+    V0 = V0.to(dtype)
+    norms = torch.linalg.vector_norm(V0, dim=0)
+    if not bool((norms > 0).all() & torch.isfinite(norms).all()):
+        raise ValueError("lanczos_probes: every start vector must be nonzero and finite.")
+    q = V0 / norms
+    q_prev = torch.zeros_like(q)
+    Q = None
+    if reorthogonalize:
+        Q = torch.empty((p, m, n), dtype=dtype, device=device)
+        Q[:, 0] = q.mT
+    alphas = torch.zeros((m, p), dtype=torch.float64, device=device)
+    betas = torch.zeros((m, p), dtype=torch.float64, device=device)
+    alive = torch.ones(p, dtype=torch.bool, device=device)
+    lengths = torch.zeros(p, dtype=torch.long, device=device)
+    anorm = torch.zeros(p, dtype=dtype, device=device)
+    beta_prev = torch.zeros(p, dtype=dtype, device=device)
+    ratio = _breakdown_ratio(eps)
+    for j in range(m):
+        w = matmat(q)
+        if j == 0:
+            check_matmat_output(w, q)
+        alpha = (q * w).sum(0)
+        w = w - alpha * q - beta_prev * q_prev
+        if Q is not None:
+            Qj = Q[:, : j + 1]  # (p, j+1, n)
+            c = torch.bmm(Qj, w.mT.unsqueeze(2))  # (p, j+1, 1)
+            w = w - torch.bmm(Qj.transpose(1, 2), c).squeeze(2).mT
+        beta = torch.linalg.vector_norm(w, dim=0)
+        anorm = torch.maximum(anorm, alpha.abs() + beta + beta_prev)
+        alphas[j] = torch.where(alive, alpha, 0).to(torch.float64)
+        lengths = lengths + alive.long()
+        alive = alive & (beta > ratio * anorm)
+        beta = torch.where(alive, beta, 0)
+        betas[j] = beta.to(torch.float64)
+        q_prev, q = q, torch.where(alive, w / torch.clamp(beta, min=tiny), 0)
+        if Q is not None and j + 1 < m:
+            Q[:, j + 1] = q.mT
+        beta_prev = beta
+    return alphas, betas[: m - 1], lengths

@@ -14,16 +14,30 @@ F64 = torch.float64
 
 
 @functools.cache
-def small_network(hidden: int = 40, n_data: int = 64, seed: int = 0):
-    """MLP 10 → hidden → hidden → 3 with tanh (2,203 parameters for hidden=40), float64,
-    cross-entropy with mean reduction; returns a dict with model, X, y, loss_fn, H, G."""
+def small_network(hidden: int = 40, n_data: int = 64, seed: int = 0, train_steps: int = 0,
+                  loss: str = "ce"):
+    """MLP 10 → hidden → hidden → 3 with tanh (2,203 parameters for hidden=40), float64, at
+    initialization or after ``train_steps`` full-batch Adam steps (lr 1e-2). ``loss="ce"``:
+    cross-entropy on random classes; ``"mse"``: mean squared error on the smooth targets
+    ``sin(X W)`` (a regression a network fits, so that its Hessian approaches its GGN).
+    Returns a dict with model, X, y, loss_fn, H, G, n, loss."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(10, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
                           nn.Linear(hidden, 3)).to(F64)
     X = torch.randn(n_data, 10, dtype=F64, generator=g)
-    y = torch.randint(0, 3, (n_data,), generator=g)
-    loss_fn = nn.CrossEntropyLoss()
+    if loss == "ce":
+        y = torch.randint(0, 3, (n_data,), generator=g)
+        loss_fn = nn.CrossEntropyLoss()
+    else:
+        y = torch.sin(X @ torch.randn(10, 3, dtype=F64, generator=g))
+        loss_fn = nn.MSELoss()
+    if train_steps:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(train_steps):
+            opt.zero_grad()
+            loss_fn(model(X), y).backward()
+            opt.step()
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for _, p in model.named_parameters()]
     sizes = [p.numel() for _, p in model.named_parameters()]
@@ -35,13 +49,13 @@ def small_network(hidden: int = 40, n_data: int = 64, seed: int = 0):
     def outputs(v):
         return torch.func.functional_call(model, unflat(v), (X,))
 
-    def loss(v):
+    def loss_of(v):
         return loss_fn(outputs(v), y)
 
-    H = torch.func.hessian(loss)(flat)
+    H = torch.func.hessian(loss_of)(flat)
     J = torch.func.jacrev(outputs)(flat).reshape(-1, flat.numel())  # (N·C, n)
     out = outputs(flat).detach()
     Hout = torch.func.hessian(lambda o: loss_fn(o.reshape(out.shape), y))(out.reshape(-1))
     G = J.T @ Hout.reshape(J.shape[0], J.shape[0]) @ J
     return dict(model=model, X=X, y=y, loss_fn=loss_fn, H=(H + H.T) / 2, G=(G + G.T) / 2,
-                n=flat.numel())
+                n=flat.numel(), loss=float(loss_of(flat)))
