@@ -273,3 +273,22 @@ def test_data_loader_equals_one_batch():
     torch.testing.assert_close(a.to_dense(), b.to_dense())
     torch.testing.assert_close(a.gradient, GGN(model, loss, (X, y)).gradient)
     torch.testing.assert_close(b.loss, loss(model(X), y).detach())
+
+
+def test_block_product_names_through_quantities():
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 3)).to(F64)
+    X, y = torch.randn(6, 4, dtype=F64), torch.randint(0, 3, (6,))
+    loss = nn.CrossEntropyLoss()
+    q = quantities(model, loss, (X, y), ["hmp", "ggnmp", "pchmp_abs"])
+    from linops.curvature import Hessian
+
+    for name, op in (("ggnmp", GGN(model, loss, (X, y))), ("hmp", Hessian(model, loss, (X, y)))):
+        dense = op.to_dense()
+        for p, shape in zip(op.param_space.names, op.param_space.shapes):
+            V = torch.randn(2, *shape, dtype=F64)
+            ref = (_block(dense, op.param_space, p) @ V.reshape(2, -1).T).T.reshape(V.shape)
+            torch.testing.assert_close(q[name][p](V), ref, rtol=1e-9, atol=1e-12)
+    V = torch.randn(3, 5, 4, dtype=F64)
+    W = q["pchmp_abs"]["0.weight"](V)
+    assert float((V * W).sum(dim=(1, 2)).min()) >= 0  # PSD block: vᵀ C v ≥ 0

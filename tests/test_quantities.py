@@ -101,6 +101,27 @@ class UsedOutside(nn.Module):  # l.weight also used outside its module's call
         return self.h(torch.tanh(self.l(x)) + nn.functional.linear(x, self.l.weight))
 
 
+class Gated(nn.Module):  # a product of two branches with different parameters
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.b = nn.Linear(4, 3)
+        self.s = nn.Sigmoid()
+
+    def forward(self, x):
+        return self.a(x) * self.s(self.b(x))
+
+
+class SelfProduct(nn.Module):  # h hᵀ: a second-order term no activation holds
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.l(x)
+        return (h.unsqueeze(2) @ h.unsqueeze(1)).flatten(1)
+
+
 def _bn_model():
     m = ResBN()
     with torch.no_grad():
@@ -146,6 +167,10 @@ CASES = [
      lambda: torch.randint(0, 3, (N, 5)), nn.CrossEntropyLoss(), ALL_EXACT),
     ("residual-batchnorm-eval", _bn_model, _x(2, 4, 4), _cls(), nn.CrossEntropyLoss(),
      ALL_EXACT),
+    ("gated-branches", Gated, _x(4), lambda: torch.randn(N, 3, dtype=F64), nn.MSELoss(),
+     ALL_EXACT),
+    ("self-product", SelfProduct, _x(4), lambda: torch.randn(N, 4, dtype=F64), nn.MSELoss(),
+     NO_H),
     ("layernorm-groupnorm", Norms, _x(4), _cls(), nn.CrossEntropyLoss(), NO_H),
     ("module-called-twice", CalledTwice, _x(4), _cls(), nn.CrossEntropyLoss(), NO_H),
     ("tied-embedding-head", TiedEmbedding, lambda: torch.randint(0, 7, (N, 5)),
@@ -230,6 +255,10 @@ def test_hessian_diagonal_refuses_what_it_cannot_do_exactly():
         quantities(Norms().to(F64).eval(), nn.CrossEntropyLoss(), (X, y), ["diag_h"])
     with pytest.raises(ValueError, match="used once.*l.weight"):
         quantities(CalledTwice().to(F64), nn.CrossEntropyLoss(), (X, y), ["diag_h"])
+
+    with pytest.raises(ValueError, match="multiplies two tensors that both depend on"):
+        quantities(SelfProduct().to(F64), nn.MSELoss(), (X, torch.randn(N, 4, dtype=F64)),
+                   ["diag_h"])
 
     class Functional(nn.Module):  # torch.tanh outside a module: no record, so refused
         def __init__(self):

@@ -55,7 +55,7 @@ from ._base import CurvatureOperator
 from ._data import require_terms
 from ._mlp import _activation
 from ._records import param_owners, record_forward
-from .quantities import Engine, _node_kind, _num_samples, _Plan
+from .quantities import Engine, _num_samples, _Plan
 
 __all__ = ["BlockDiagCurvature", "block_product_callables", "CURVATURES", "BLOCKINGS"]
 
@@ -70,50 +70,6 @@ QUANTITY_CURVATURES = {"ggnmp": "ggn", "hmp": "hessian", "pchmp_abs": "pch-abs",
 #: between two parameters of the module): a layer block of them is exact for the Hessian
 _AFFINE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
                   nn.ConvTranspose2d, nn.ConvTranspose3d, nn.modules.batchnorm._BatchNorm)
-
-
-#: graph nodes bilinear in two of their operands (matrix products, convolutions,
-#: batch norm's x·w, elementwise products): a second-order term couples the parameters the
-#: two operands depend on
-_BILINEAR = frozenset("""
-MmBackward BmmBackward MvBackward AddmmBackward AddmvBackward AddbmmBackward
-BaddbmmBackward DotBackward LinalgVecdotBackward ConvolutionBackward MulBackward
-DivBackward NativeBatchNormBackward CudnnBatchNormBackward MiopenBatchNormBackward
-""".split())
-
-
-def _check_no_self_product(output, leaves, names):
-    """Raise if a bilinear operation multiplies two operands that depend on one parameter
-    (``h @ h.T`` with ``h = layer(x)``): a second-order term inside that parameter's block
-    which no activation holds. (``check_hessian_graph`` counts matrix products as linear,
-    right only when their operands depend on different parameters.)"""
-    ids = {id(t): n for t, n in zip(leaves, names)}
-    deps, stack = {}, [(output.grad_fn, False)] if output.grad_fn is not None else []
-    while stack:
-        node, done = stack.pop()
-        if node in deps:
-            continue
-        inputs = [fn for fn, _ in node.next_functions if fn is not None]
-        if not done:
-            stack.append((node, True))
-            stack.extend((fn, False) for fn in inputs if fn not in deps)
-            continue
-        var = getattr(node, "variable", None)
-        own = frozenset({ids[id(var)]}) if var is not None and id(var) in ids else frozenset()
-        sets = [deps[fn] for fn in inputs]
-        if _node_kind(node) in _BILINEAR:
-            seen = set()
-            for d in sets:
-                both = seen & d
-                if both:
-                    raise ValueError(
-                        f"The graph multiplies two tensors that both depend on "
-                        f"{sorted(both)[:3]} ({node.name()}, e.g. h @ h.T with h = "
-                        "layer(x)): a second-order term inside the block that the "
-                        "activation terms do not hold."
-                    )
-                seen |= d
-        deps[node] = own.union(*sets)
 
 
 def _check_choice(value, choices, what):
@@ -212,7 +168,6 @@ class _BlockEngine(CurvatureOperator):
             leaves = [rec.leaves[n] for n in names]
             try:
                 plan.check_hessian_graph()
-                _check_no_self_product(out, leaves, names)
             except ValueError as err:
                 raise ValueError(
                     f"BlockDiagCurvature(curvature={self.curvature!r}) needs the model "

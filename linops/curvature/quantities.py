@@ -78,8 +78,11 @@ SECOND_ORDER = ("diag_ggn_exact", "diag_ggn_exact_batch", "diag_ggn_mc", "diag_g
 #: BackPACK's Kronecker factors (``linops.curvature.kfac``): ``[G, A]`` per weight, ``[G]``
 #: per bias
 KRONECKER = ("kfac", "kflr", "kfra")
+#: BackPACK's block-diagonal curvature-matrix products (``linops.curvature.blocks``): for
+#: each parameter a callable ``V (V, *p.shape) → (V, *p.shape)``
+BLOCK_PRODUCTS = ("hmp", "ggnmp", "pchmp_abs", "pchmp_clip")
 #: every name ``quantities`` knows
-QUANTITY_NAMES = FIRST_ORDER + SECOND_ORDER + KRONECKER
+QUANTITY_NAMES = FIRST_ORDER + SECOND_ORDER + KRONECKER + BLOCK_PRODUCTS
 #: names with one entry per sample (concatenated over batches, kept in memory)
 PER_SAMPLE = ("grad_batch", "batch_l2", "diag_ggn_exact_batch", "diag_ggn_mc_batch",
               "diag_h_batch", "sqrt_ggn_exact", "sqrt_ggn_mc")
@@ -105,8 +108,10 @@ ReflectionPad1DBackward ReflectionPad2DBackward ReplicationPad1DBackward
 ReplicationPad2DBackward UpsampleNearest2DBackward UpsampleBilinear2DBackward
 AliasBackward MaxBackward MinBackward AmaxBackward AminBackward
 """.split())
-#: bilinear operations: linear when at most one operand depends on the parameters
-_BILINEAR_NODES = frozenset({"MulBackward", "DivBackward"})
+#: elementwise products: bilinear (checked by ``_check_no_self_product``); a division is
+#: linear only when its denominator does not depend on the parameters
+_PRODUCT_NODES = frozenset({"MulBackward"})
+_QUOTIENT_NODES = frozenset({"DivBackward"})
 
 
 def _node_kind(node) -> str:
@@ -416,8 +421,8 @@ class _Plan:
             seen.add(node)
             kind = _node_kind(node)
             inputs = [fn for fn, _ in node.next_functions if fn is not None]
-            if node not in acts and kind not in _LINEAR_NODES:
-                if not (kind in _BILINEAR_NODES and len(inputs) <= 1):
+            if node not in acts and kind not in _LINEAR_NODES | _PRODUCT_NODES:
+                if not (kind in _QUOTIENT_NODES and node.next_functions[1][0] is None):
                     raise ValueError(
                         f"The exact Hessian diagonal covers models whose only "
                         f"nonlinearities are elementwise activation modules, but the graph "
@@ -429,6 +434,8 @@ class _Plan:
                         "modules."
                     )
             stack.extend(inputs)
+        names = list(self.rec.leaves)
+        _check_no_self_product(self.rec.output, [self.rec.leaves[n] for n in names], names)
 
     def hessian_terms(self, p_list, batch: bool) -> dict:
         """Σ over activations of Σᵤ Rₙᵤ (∂hₙᵤ/∂θ)² for each parameter (per sample when
@@ -487,6 +494,50 @@ class _Plan:
                     self._h_cache[batch][q] = ggn if terms[q] is None else ggn + terms[q]
             return self._h_cache[batch][p]
         raise AssertionError(name)
+
+
+#: graph nodes bilinear in two of their operands (matrix products, convolutions,
+#: batch norm's x·w, elementwise products): a second-order term couples the parameters the
+#: two operands depend on
+_BILINEAR_OPERANDS = frozenset("""
+MmBackward BmmBackward MvBackward AddmmBackward AddmvBackward AddbmmBackward
+BaddbmmBackward DotBackward LinalgVecdotBackward ConvolutionBackward MulBackward
+DivBackward NativeBatchNormBackward CudnnBatchNormBackward MiopenBatchNormBackward
+""".split())
+
+
+def _check_no_self_product(output, leaves, names):
+    """Raise if a bilinear operation multiplies two operands that depend on one parameter
+    (``h @ h.T`` with ``h = layer(x)``): a second-order term inside that parameter's block
+    which no activation holds. (Called by ``check_hessian_graph``: it counts matrix
+    products as linear, right only when their operands depend on different parameters.)"""
+    ids = {id(t): n for t, n in zip(leaves, names)}
+    deps, stack = {}, [(output.grad_fn, False)] if output.grad_fn is not None else []
+    while stack:
+        node, done = stack.pop()
+        if node in deps:
+            continue
+        inputs = [fn for fn, _ in node.next_functions if fn is not None]
+        if not done:
+            stack.append((node, True))
+            stack.extend((fn, False) for fn in inputs if fn not in deps)
+            continue
+        var = getattr(node, "variable", None)
+        own = frozenset({ids[id(var)]}) if var is not None and id(var) in ids else frozenset()
+        sets = [deps[fn] for fn in inputs]
+        if _node_kind(node) in _BILINEAR_OPERANDS:
+            seen = set()
+            for d in sets:
+                both = seen & d
+                if both:
+                    raise ValueError(
+                        f"The graph multiplies two tensors that both depend on "
+                        f"{sorted(both)[:3]} ({node.name()}, e.g. h @ h.T with h = "
+                        "layer(x)): a second-order term inside the block that the "
+                        "activation terms do not hold."
+                    )
+                seen |= d
+        deps[node] = own.union(*sets)
 
 
 def _leaf_edges(output, leaves: dict) -> dict:
@@ -670,6 +721,10 @@ def quantities(model, loss_fn, data, names, *, params=None, mc_samples: int = 1,
     ``kfra`` (KFRA, MLP chains only) give BackPACK's factors: ``[G, A]`` for a weight
     (``G ⊗ A`` approximates its block; G is out × out, A in × in), ``[G]`` for a bias, for
     ``nn.Linear`` and ``nn.Conv1d``/``Conv2d`` (groups = 1); they take a pass of their own.
+    The block products ``hmp``, ``ggnmp``, ``pchmp_abs``, ``pchmp_clip`` give, per
+    parameter, a callable ``V (V, *p.shape) → (V, *p.shape)`` multiplying with that
+    parameter's block of the Hessian, the GGN or the positive-curvature Hessian (see
+    ``linops.curvature.BlockDiagCurvature``).
 
     Raises:
         ValueError: an unknown name (the message lists the valid ones), ``mc_samples <
@@ -696,7 +751,12 @@ def quantities(model, loss_fn, data, names, *, params=None, mc_samples: int = 1,
             out[n] = kfac_factors(model, loss_fn, data, fisher="mc" if n == "kfac" else "exact",
                                   kfra=n == "kfra", mc_samples=mc_samples, seed=seed,
                                   kfac_approx=kfac_approx, params=params)
-    rest = [n for n in names if n not in KRONECKER]
+    for n in (n for n in names if n in BLOCK_PRODUCTS):
+        from .blocks import block_product_callables
+
+        out[n] = block_product_callables(model, loss_fn, data, n, params=params,
+                                         progress=progress)
+    rest = [n for n in names if n not in KRONECKER + BLOCK_PRODUCTS]
     if rest:
         engine = Engine(model, loss_fn, params, mc_samples=mc_samples, seed=seed)
         out.update(run(engine, data, rest, progress)[0])
