@@ -47,8 +47,9 @@ class CGNewton(CurvatureOptimizer):
 
     The blocks are exact, not approximated: every block's CG runs as one column of a single
     product ``C [x_1 … x_m]`` (column ``j`` zero outside block ``j``, the product restricted
-    to block ``j`` afterwards), so one CG iteration costs one curvature product with ``m``
-    columns, not ``m`` products. ``g`` and the model's outputs come from the operator's own
+    to block ``j`` afterwards), so one CG iteration costs one curvature product with (at
+    most) ``m`` columns, not ``m`` products; the columns of blocks whose CG has stopped drop
+    out of the product. ``g`` and the model's outputs come from the operator's own
     forward pass. (The tutorial's HBP layers use batch-averaged Kronecker approximations of
     the blocks; ``approximation="kfra"``/``"kflr"`` and the positive-curvature Hessians
     ``"pch-abs"``/``"pch-clip"`` need the Kronecker operators of issue 8 and raise until
@@ -209,7 +210,16 @@ class CGNewton(CurvatureOptimizer):
             mk, a = mask[:, cols_t], alpha[cols_t]
 
             def matmat(P, mk=mk, a=a, cols_t=cols_t):
-                CP = C @ P
+                # CG zeroes the directions of the blocks that have converged: multiply only
+                # the live columns (a block that converges early stops costing products)
+                live = (P != 0).any(0)
+                if bool(live.all()):
+                    CP = C @ P
+                else:
+                    CP = torch.zeros_like(P)
+                    idx = live.nonzero().squeeze(1)
+                    if idx.numel():
+                        CP[:, idx] = C @ P[:, idx]
                 counter["products"] += 1
                 AP = torch.where(mk, (1 - a) * CP, 0) + a * P
                 pAp, pp = (P * AP).sum(0), (P * P).sum(0)
