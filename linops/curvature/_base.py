@@ -22,6 +22,7 @@ from ._data import (
     require_tqdm,
     resolve_params,
 )
+from ._distributed import Collective, resolve_group, unwrap_ddp
 from ._mlp import mlp_input_problem, mlp_linearize, mlp_spec
 from ._routes import (
     KernelSwitch,
@@ -90,6 +91,21 @@ class CurvatureOperator(LinearOperator):
             restoring the user's settings after each. None: where the model needs it
             (its modules, and the graph of its first forward pass); True: always; False:
             never (the user's settings as they are).
+        process_group: a ``torch.distributed`` process group (``torch.distributed.group.
+            WORLD``, or one from ``new_group``) over whose ranks the data is sharded; None:
+            one process. Each rank passes its own shard as ``data`` and the same model;
+            products, ``loss`` and ``gradient`` are computed on the shard and summed by one
+            ``all_reduce`` per product (per block of k columns: n·k numbers, plus 2k + 1 + P
+            for the term count, the input checksums and the failure flags), a mean dividing
+            by the global number of terms, so the operator equals the one-process operator
+            over the union of the shards, identically on every rank. The build checks once
+            (one all-reduce of a few numbers) that every rank holds the same parameters and
+            batches of the same non-batch shape; a rank that raises (at build or in a pass)
+            makes every rank raise. Solvers run unchanged on every rank, but their random
+            starts must be seeded alike (``Lanczos(seed=0)``): a product given different
+            vectors on different ranks raises. A ``DistributedDataParallel`` model is
+            unwrapped (``model.module``; ``params`` names are the unwrapped model's). The
+            Monte-Carlo Fisher draws with ``seed + rank·2³²`` on each rank.
 
     Attributes:
         loss: the loss over the whole data set at the parameters (0-dim, detached).
@@ -132,7 +148,40 @@ class CurvatureOperator(LinearOperator):
         route: str = "auto",
         output_fn=None,
         reference_kernels: bool | None = None,
+        process_group=None,
     ):
+        self._group = resolve_group(process_group)
+        self._collective = None
+        if isinstance(model, nn.Module):
+            model = unwrap_ddp(model, self._group)
+        build = dict(cache=cache, progress=progress, allow_train_mode=allow_train_mode,
+                     vectorize=vectorize, fast_path=fast_path, route=route,
+                     output_fn=output_fn, reference_kernels=reference_kernels)
+        if self._group is None:
+            self._build(model, loss_fn, data, params, **build)
+            return
+        first = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
+        device = first.device if first is not None else torch.device("cpu")
+        dtype = first.dtype if first is not None else torch.float32
+        collective = Collective(self._group, dtype, device)
+        err = None
+        try:
+            self._build(model, loss_fn, data, params, **build)
+        except Exception as e:  # noqa: BLE001 - raised on every rank by check_build
+            err = e
+        counts = collective.check_build(self, err)
+        collective.dtype = self.dtype
+        self._collective = collective
+        if self.cached:
+            self._num_terms = sum(counts)
+            if self._num_terms == 0:
+                raise ValueError(
+                    "Every target on every rank is ignore_index: the loss has no term, its "
+                    "curvature is undefined."
+                )
+
+    def _build(self, model, loss_fn, data, params, *, cache, progress, allow_train_mode,
+               vectorize, fast_path, route, output_fn, reference_kernels):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
         if fast_path not in (None, True, False):
@@ -201,7 +250,7 @@ class CurvatureOperator(LinearOperator):
             self._states = list(self._linearize_pass())
             total = sum(self._loss_curv.count(s["loss"]) for s in self._states)
             self._num_terms = int(total)
-            if self._num_terms == 0:
+            if self._num_terms == 0 and self._group is None:
                 raise ValueError(
                     "Every target is ignore_index: the loss has no term, its curvature "
                     "is undefined."
@@ -330,6 +379,18 @@ class CurvatureOperator(LinearOperator):
             yield self._linearize(X, y, generator)
 
     def _product(self, X: torch.Tensor, states) -> tuple[torch.Tensor, object]:
+        if self._collective is None:
+            out, total = self._local_product(X, states)
+        else:  # one all_reduce of the block, the count and the input's checksums
+            out, total = self._collective.product(X, lambda: self._local_product(X, states))
+        require_terms(self, total)
+        if self._loss_curv.reduction == "mean":
+            out = out / (self._num_terms if self._states is not None else total)
+        return out, total
+
+    def _local_product(self, X: torch.Tensor, states) -> tuple[torch.Tensor, object]:
+        """The summed curvature of this process's batches times ``X``, and their term
+        count (no scaling)."""
         k = X.shape[1]
         V = self.param_space.split(X)
         acc, total = None, 0
@@ -341,11 +402,15 @@ class CurvatureOperator(LinearOperator):
                 for a, p in zip(acc, part):
                     a.add_(p)
             total = total + self._loss_curv.count(state["loss"])
-        require_terms(self, total)
-        out = self.param_space.join(acc, k)
-        if self._loss_curv.reduction == "mean":
-            out = out / (self._num_terms if self._states is not None else total)
-        return out, total
+        return self.param_space.join(acc, k), total
+
+    def _all_sum(self, compute, size: int, what: str):
+        """``compute()`` (a flat tensor of ``size`` entries, a term count) summed over the
+        process group by one all_reduce, or as it is in one process."""
+        if self._collective is None:
+            return compute()
+        flat, total, _ = self._collective.sum(compute, size, what)
+        return flat.to(self.dtype), total
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
         states = self._states if self._states is not None else self._linearize_pass()
@@ -368,18 +433,23 @@ class CurvatureOperator(LinearOperator):
         its linearization; otherwise one forward pass over the data."""
         if self._loss_value is None:
             if self._states is not None:
-                value = sum(self._state_value(s) for s in self._states)
-                self._loss_value = value / self._scale(None)
+                value, _ = self._all_sum(
+                    lambda: (sum(self._state_value(s) for s in self._states), 0), 1, "The loss")
+                self._loss_value = value.reshape(()) / self._scale(None)
             else:
-                value, total = 0.0, 0
-                for X, y in progress_bar(self.data, self._progress, None, repr(self)):
-                    _, out = self._forward(X, graph=False)
-                    loss_state = self._loss_curv.prepare(out, y)
-                    value = value + self._summed_value(out, y, loss_state)
-                    total = total + self._loss_curv.count(loss_state)
+                value, total = self._all_sum(self._local_loss, 1, "The loss")
                 require_terms(self, total)
-                self._loss_value = value / self._scale(total)
+                self._loss_value = value.reshape(()) / self._scale(total)
         return self._loss_value
+
+    def _local_loss(self):
+        value, total = 0.0, 0
+        for X, y in progress_bar(self.data, self._progress, None, repr(self)):
+            _, out = self._forward(X, graph=False)
+            loss_state = self._loss_curv.prepare(out, y)
+            value = value + self._summed_value(out, y, loss_state)
+            total = total + self._loss_curv.count(loss_state)
+        return value, total
 
     @property
     def gradient(self) -> torch.Tensor:
@@ -388,16 +458,28 @@ class CurvatureOperator(LinearOperator):
         the ``Hessian``); otherwise a forward and a reverse pass per batch."""
         if self._gradient is None:
             if self._states is not None:
-                acc = None
-                for state in self._states:
-                    part = self._state_gradient(state)
-                    acc = part if acc is None else [a + p for a, p in zip(acc, part)]
-                self._gradient = self.param_space.join(acc) / self._scale(None)
+                def local():
+                    acc = None
+                    for state in self._states:
+                        part = self._state_gradient(state)
+                        acc = part if acc is None else [a + p for a, p in zip(acc, part)]
+                    return self.param_space.join(acc), 0
+
+                flat, _ = self._all_sum(local, self.shape[0], "The gradient")
+                self._gradient = flat / self._scale(None)
             else:
                 self._gradient = self._gradient_pass()
         return self._gradient
 
     def _gradient_pass(self) -> torch.Tensor:
+        flat, total = self._all_sum(self._local_gradient_pass, self.shape[0] + 1,
+                                    "The gradient")
+        require_terms(self, total)
+        scale = self._scale(total)
+        self._loss_value = flat[-1] / scale
+        return flat[:-1] / scale
+
+    def _local_gradient_pass(self):
         acc, value, total = None, 0.0, 0
         for X, y in progress_bar(self.data, self._progress, None, repr(self)):
             leaves, out = self._forward(X)
@@ -409,15 +491,19 @@ class CurvatureOperator(LinearOperator):
             acc = list(part) if acc is None else [a + p for a, p in zip(acc, part)]
             value = value + summed.detach()
             total = total + self._loss_curv.count(loss_state)
-        require_terms(self, total)
-        scale = self._scale(total)
-        self._loss_value = value / scale
-        return self.param_space.join(acc) / scale
+        return torch.cat([self.param_space.join(acc), value.reshape(1)]), total
 
     # -------------------------------------------------------------- diagonal
     def _diag(self) -> torch.Tensor:
         """The exact diagonal (the Monte-Carlo Fisher's own, with its seed) from the
         layer-wise engine: one pass over the data (see ``linops.curvature.DiagGGN``)."""
+        if self._collective is not None:
+            raise ValueError(
+                f"{type(self).__name__}.diag() over a process group is not supported yet (the "
+                "layer-wise engine runs on one process's shard). Estimate it from products, "
+                "which reduce over the group: solvers.diag(op, alg=solvers.Hutchinson(samples, "
+                "seed=0)) or an exact diagonal of a small operator from op.to_dense()."
+            )
         if getattr(self, "_diagonal", None) is None:
             from .diagonal import operator_diagonal  # diagonal.py imports the operators
 

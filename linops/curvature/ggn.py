@@ -22,6 +22,7 @@ import torch
 
 from ..autodiff._linearization import Linearization
 from ._base import CurvatureOperator
+from ._distributed import rank_seed
 from ._mlp import mlp_gradient, mlp_jvp, mlp_vjp
 
 __all__ = ["GGN", "EmpiricalFisher", "MCFisher"]
@@ -197,7 +198,8 @@ class MCFisher(_JBJ):
         super().__init__(model, loss_fn, data, params, **kwargs)
 
     def _new_generator(self):
-        return torch.Generator(device=self.device).manual_seed(self.seed)
+        seed = rank_seed(self.seed, self._group)  # seed + rank·2³² over a process group
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def _extend_state(self, state, generator):
         R = self._loss_curv.sampled_residuals(state["loss"], self.mc_samples, generator)

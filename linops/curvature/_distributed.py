@@ -1,0 +1,273 @@
+"""Data-parallel curvature over ``torch.distributed``: the collectives of the operators.
+
+Each rank holds its shard of the data; a product, ``loss`` and ``gradient`` are computed
+on the local shard and combined by ONE ``all_reduce`` (sum) of a flat buffer that carries,
+next to the local result, what the ranks must agree on:
+
+- the number of loss terms of the shard (the mean divides by the global number);
+- one failure flag per rank: a rank whose local pass raised contributes zeros and its
+  flag, re-raises its own error, and every other rank raises a ``RuntimeError`` naming it
+  (the messages are gathered in that failure path only), so no rank waits forever;
+- for products, two checksums per column of the input block (``s = wᵀx`` and ``s²``):
+  ``P Σ s² = (Σ s)²`` holds only when every rank multiplied the same vector, so a solver
+  whose random start differs across ranks is caught at its first product, on every rank.
+
+The build runs one more collective, once: a ``MAX`` all-reduce of ``[c, −c]`` for a
+fixed-length vector ``c`` (numel, dtype, three checksums of the parameters, the
+non-batch shape of the first batch), with the per-rank failure flags and term counts in
+one-hot slots, so every rank sees the max and min of each entry and every rank's count.
+Nothing here is backend-specific (gloo on CPU, NCCL on GPU: buffers live on the
+parameters' device).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = [
+    "resolve_group",
+    "unwrap_ddp",
+    "rank_seed",
+    "Collective",
+]
+
+_MAX_DIMS = 6  # non-batch dimensions of X and y compared across ranks
+_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+def resolve_group(process_group):
+    """The process group to reduce over, or None for one process; raises at once (on the
+    rank that calls it, with no communication) when it cannot be used."""
+    if process_group is None:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise ValueError("process_group= needs torch.distributed, which this PyTorch build "
+                         "lacks; pass process_group=None for one process.")
+    if not dist.is_initialized():
+        raise ValueError(
+            "process_group= was given but torch.distributed is not initialized: call "
+            "torch.distributed.init_process_group(backend) on every rank first (torchrun "
+            "sets the environment it reads), then pass torch.distributed.group.WORLD or a "
+            "group from torch.distributed.new_group."
+        )
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            f"process_group must be a torch.distributed.ProcessGroup "
+            f"(torch.distributed.group.WORLD, or one from new_group) or None; got "
+            f"{type(process_group).__name__}."
+        )
+    try:
+        dist.get_rank(process_group)
+        size = dist.get_world_size(process_group)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"process_group cannot be used ({err}); was it destroyed?") from err
+    if dist.get_rank(process_group) < 0:
+        raise ValueError("This process is not a member of process_group: build the operator "
+                         "only on the group's ranks (or pass the group it belongs to).")
+    return process_group if size > 0 else None
+
+
+def unwrap_ddp(model: nn.Module, group) -> nn.Module:
+    """``model.module`` for a ``DistributedDataParallel`` model (the curvature passes
+    call the module itself: ``autograd.grad`` bypasses DDP's gradient hooks anyway)."""
+    ddp = nn.parallel.DistributedDataParallel
+    if not isinstance(model, ddp):
+        return model
+    if group is None:
+        raise ValueError(
+            "The model is wrapped in DistributedDataParallel but process_group is None: the "
+            "operator would see this rank's shard only. Pass process_group=model.process_group "
+            "(or torch.distributed.group.WORLD) for the curvature over every rank's data, or "
+            "model.module for this rank's own curvature."
+        )
+    return model.module
+
+
+def rank_seed(seed: int, group) -> int:
+    """The seed of this rank's Monte-Carlo draws: ``seed`` on rank 0 (and in one process),
+    ``seed + r·2³²`` on rank r, so the ranks draw different, reproducible samples."""
+    if group is None:
+        return seed
+    import torch.distributed as dist
+
+    return (seed + (dist.get_rank(group) << 32)) % (1 << 63)
+
+
+def _message(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+class Collective:
+    """The collectives of one operator over ``group`` (see the module docstring)."""
+
+    def __init__(self, group, dtype: torch.dtype, device: torch.device):
+        import torch.distributed as dist
+
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        self.dtype = dtype
+        self.device = device
+        #: the dtype of the reduced buffers (half precision is summed in float32)
+        self.work = torch.float64 if dtype == torch.float64 else torch.float32
+        self._w = None
+
+    # ------------------------------------------------------------------ failure
+    def _raise_failed(self, flags: torch.Tensor, err: BaseException | None, what: str):
+        """After a reduce whose per-rank ``flags`` say some rank failed: raise on every
+        rank (the failed ones re-raise their own error)."""
+        import torch.distributed as dist
+
+        failed = [r for r in range(self.size) if float(flags[r]) > 0]
+        if not failed:
+            return
+        messages = [None] * self.size
+        try:
+            dist.all_gather_object(messages, _message(err) if err is not None else None,
+                                   group=self.group)
+        except Exception:  # noqa: BLE001 - the messages are a courtesy
+            messages = [None] * self.size
+        if err is not None:
+            raise err
+        said = "; ".join(f"rank {r}: {messages[r]}" for r in failed if messages[r])
+        raise RuntimeError(
+            f"{what} failed on rank(s) {failed} of the process group (this is rank "
+            f"{self.rank}); every rank raises so that none waits forever. "
+            + (f"They said: {said}" if said else "See their error.")
+        )
+
+    # ------------------------------------------------------------------ sums
+    def sum(self, compute, size: int, what: str, checks: torch.Tensor | None = None):
+        """``(Σ_ranks compute(), Σ_ranks checks)`` by one all-reduce.
+
+        ``compute()`` returns ``(flat tensor of `size` entries, local term count)``; the
+        result is ``(summed flat tensor, global count, summed checks)``. If ``compute``
+        raises on a rank, every rank raises (see the module docstring).
+        """
+        import torch.distributed as dist
+
+        nc = 0 if checks is None else checks.numel()
+        buf = torch.zeros(size + 1 + nc + self.size, dtype=self.work, device=self.device)
+        err = None
+        try:
+            local, count = compute()
+            buf[:size] = local.reshape(-1)
+            buf[size] = float(count)
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            err = e
+            buf.zero_()
+            buf[size + 1 + nc + self.rank] = 1.0
+        if err is None and nc:
+            buf[size + 1:size + 1 + nc] = checks
+        dist.all_reduce(buf, group=self.group)
+        self._raise_failed(buf[size + 1 + nc:], err, what)
+        return buf[:size], buf[size], buf[size + 1:size + 1 + nc]
+
+    def product(self, X: torch.Tensor, compute):
+        """``(Σ_ranks local product, global count)`` for the block ``X`` (n, k): one
+        all-reduce of n·k + 2k + 1 + P numbers; raises on every rank if the ranks were given
+        different blocks (a solver whose random start differs across ranks)."""
+        n, k = X.shape
+        if self._w is None or self._w.shape[0] != n:
+            g = torch.Generator(device="cpu").manual_seed(20241)
+            self._w = torch.randn(n, generator=g, dtype=torch.float64).to(
+                dtype=self.work, device=self.device)
+        s = self._w @ X.to(self.work)
+        checks = torch.cat([s, s * s])
+
+        flat, count, sums = self.sum(compute, n * k, "The product", checks)
+        S, S2 = sums[:k].double(), sums[k:].double()
+        spread = self.size * S2 - S * S  # = P² · variance of s over the ranks
+        tol = (1e-9 if self.work == torch.float64 else 1e-4) * self.size * S2
+        if bool((spread > tol + torch.finfo(torch.float64).tiny).any()):
+            raise ValueError(
+                "The ranks of the process group multiplied different vectors (their "
+                "checksums differ): a solver drew its random start or probes from torch's "
+                "global generator, which differs across ranks, so the ranks would take "
+                "different decisions and end up waiting on each other. Seed the solver alike "
+                "on every rank (Lanczos(seed=0), LOBPCG(seed=0), PowerIteration(seed=0), the "
+                "estimators' seed=), or call torch.manual_seed(s) with the same s on every "
+                "rank before the solve."
+            )
+        return flat.to(self.dtype).reshape(n, k), count
+
+    # ------------------------------------------------------------------ build
+    def check_build(self, op, err: BaseException | None) -> list[int]:
+        """One ``MAX`` all-reduce at build: raise on every rank if a rank failed to build,
+        if the parameters or the non-batch shapes of the batches differ across ranks;
+        returns every rank's number of loss terms (zeros when the operator is not cached).
+        """
+        import torch.distributed as dist
+
+        P = self.size
+        c = torch.zeros(8 + 2 * (_MAX_DIMS + 1), dtype=torch.float64, device=self.device)
+        counts = torch.zeros(P, dtype=torch.float64, device=self.device)
+        flags = torch.zeros(P, dtype=torch.float64, device=self.device)
+        if err is None:
+            try:
+                c = self._build_vector(op).to(self.device)
+                if op._num_terms is not None:
+                    counts[self.rank] = float(op._num_terms)
+            except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+                err = e
+        if err is not None:
+            flags[self.rank] = 1.0
+        buf = torch.cat([flags, counts, c, -c])
+        dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self.group)
+        self._raise_failed(buf[:P], err, "Building the operator")
+        counts = [int(x) for x in buf[P:2 * P].tolist()]
+        m = c.numel()
+        hi, lo = buf[2 * P:2 * P + m], -buf[2 * P + m:]
+        names = ["the number of parameters", "the number of parameter tensors",
+                 "the parameters' dtype", "the parameters (checksum 1)",
+                 "the parameters (checksum 2)", "the parameters (checksum 3)",
+                 "whether the first batch's X is a tensor", "(unused)"]
+        for t in "Xy":
+            names += [f"{t}.ndim"] + [f"{t}.shape[{i}]" for i in range(1, _MAX_DIMS + 1)]
+        scale = torch.maximum(hi.abs(), lo.abs())
+        bad = [i for i in range(m)
+               if float(hi[i] - lo[i]) > 1e-12 * float(scale[i])]
+        if bad:
+            first = bad[0]
+            if first < 6:
+                raise ValueError(
+                    f"The ranks of the process group hold different parameters ({names[first]} "
+                    f"ranges from {float(lo[first]):.17g} to {float(hi[first]):.17g}): the "
+                    "operator would mix curvatures of different models. Broadcast them from "
+                    "rank 0 before building (DistributedDataParallel(model) does it when it is "
+                    "built; or torch.distributed.broadcast(p, 0) for every parameter), or seed "
+                    "the model's initialization alike on every rank."
+                )
+            raise ValueError(
+                f"The ranks' batches disagree in their non-batch dimensions ({names[first]} "
+                f"ranges from {int(lo[first])} to {int(hi[first])}; -1: no such dimension): "
+                "every rank must hold a shard of the same data set, with inputs and targets "
+                "of the same shape apart from the number of samples."
+            )
+        return counts
+
+    def _build_vector(self, op) -> torch.Tensor:
+        space = op.param_space
+        tensors = [op.params[nm].detach() for nm in space.names] + list(op._frozen.values())
+        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+        n = flat.numel()
+        g = torch.Generator(device="cpu").manual_seed(777)
+        w = torch.randn(n, generator=g, dtype=torch.float64).to(flat.device)
+        ramp = torch.linspace(1.0, 2.0, n, dtype=torch.float64, device=flat.device)
+        code = _DTYPES.index(op.dtype) if op.dtype in _DTYPES else -1
+        head = [float(n), float(len(space.names)), float(code), float(w @ flat),
+                float(flat @ flat), float(ramp @ flat.abs())]
+        X, y = next(iter(op.data))  # the first batch (a DataLoader loads one)
+        is_tensor = isinstance(X, torch.Tensor)
+        head += [float(is_tensor), 0.0]
+
+        def dims(t):
+            if not isinstance(t, torch.Tensor):
+                return [-2.0] * (_MAX_DIMS + 1)
+            rest = list(t.shape[1:])[:_MAX_DIMS]
+            return [float(t.ndim)] + [float(d) for d in rest] + [-1.0] * (_MAX_DIMS - len(rest))
+
+        return torch.tensor(head + dims(X) + dims(y), dtype=torch.float64)

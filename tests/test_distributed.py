@@ -1,0 +1,119 @@
+"""Data-parallel curvature (``process_group=``) on 2 local gloo processes, float64.
+
+The ranks run ``tests/_distributed_worker.py`` (every check in the same two processes);
+each is killed after a hard timeout, so a hang fails the test instead of stalling CI.
+Rank 0 holds 8 samples in two batches, rank 1 the other 5 in one: uneven shards.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from linops.curvature import GGN
+
+WORKER = Path(__file__).with_name("_distributed_worker.py")
+TIMEOUT = 120  # seconds for both ranks together, imports included
+WORLD = 2
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="needs torch.distributed with gloo")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """What each rank saved: ``[{"results": ..., "errors": ...}, ...]``."""
+    out = tmp_path_factory.mktemp("distributed")
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(WORKER.parent.parent),
+                                          os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(WORLD), str(port),
+                               str(out)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for r in range(WORLD)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=TIMEOUT)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"the ranks did not finish within {TIMEOUT} s (a hang?): "
+                    + " | ".join(p.communicate()[0][-2000:] for p in procs))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def _names(ranks):
+    return sorted(ranks[0]["results"])
+
+
+def test_equals_the_one_process_operator(ranks):
+    """Products, to_dense, loss, gradient, num_terms, CG, eigmax and traces on the shards
+    equal the one-process results on the whole data, on every rank, to rounding."""
+    names = _names(ranks)
+    assert len(names) >= 70, names
+    for r, rank in enumerate(ranks):
+        assert sorted(rank["results"]) == names
+        for name, (got, want) in rank["results"].items():
+            assert got.dtype == torch.float64, name
+            assert got.shape == want.shape, (r, name)
+            err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-300))
+            tol = 1e-6 if "Hutchinson" in name or "CG" in name or "eigmax" in name else 1e-12
+            assert err <= tol, f"rank {r}, {name}: relative error {err:.3g}"
+    # every rank holds the very same results (no rank took other decisions)
+    for name in names:
+        a, b = ranks[0]["results"][name][0], ranks[1]["results"][name][0]
+        assert torch.equal(a, b), name
+
+
+def test_every_rank_raises(ranks):
+    e0, e1 = ranks[0]["errors"], ranks[1]["errors"]
+    for errs in (e0, e1):
+        assert "multiplied different vectors" in errs["Lanczos seeded from the global generator"]
+        assert "Lanczos(seed=0)" in errs["Lanczos seeded from the global generator"]
+        assert errs["parameters differ"].startswith("ValueError")
+        assert "different parameters" in errs["parameters differ"]
+        assert "non-batch dimensions" in errs["batch shapes differ"]
+        assert "X.ndim" in errs["batch shapes differ"]
+        assert "process_group=model.process_group" in errs["DDP model without process_group"]
+        assert errs["not a process group"].startswith("TypeError")
+    # the rank whose data does not fit the model raises its own error; the other names it
+    for key in ("a rank fails at build", "a rank fails in a product",
+                "a rank fails in the gradient"):
+        assert e1[key].startswith("ValueError") and "do not fit the model" in e1[key], e1[key]
+        assert e0[key].startswith("RuntimeError") and "rank(s) [1]" in e0[key], e0[key]
+        assert "do not fit the model" in e0[key], e0[key]  # rank 1's message, gathered
+
+
+def test_process_group_not_initialized():
+    if dist.is_initialized():
+        pytest.skip("this process has a default group")
+    model = nn.Linear(2, 2)
+    data = (torch.randn(4, 2), torch.randint(0, 2, (4,)))
+
+    class Fake:
+        pass
+
+    with pytest.raises(ValueError, match="init_process_group"):
+        GGN(model, nn.CrossEntropyLoss(), data, process_group=Fake())
