@@ -16,7 +16,7 @@ convention     G (out × out)                           A (in × in)
 (c is the loss's mean divisor, 1 for a sum). For 2-D inputs (T = 1) the three coincide;
 Eschenhagen et al. (2023) derive ``expand`` and ``reduce`` for weight sharing, and
 ``backpack`` is BackPACK's convention for convolutions (G is the bias's GGN block, A sums
-over positions). Convolutions (``Conv1d``/``Conv2d``, groups = 1) are Linear layers over
+over positions). Convolutions (``Conv1d``/``2d``/``3d``, groups = 1) are Linear layers over
 their unfolded input with T = the output positions (KFC, Grosse & Martens 2016). A bias
 block is its GGN block ``(1/c) Σₘₙ ḡ ḡᵀ`` (exact for the chosen columns). A parameter used
 several times (weight tying) stacks its uses along T. KFRA (Botev et al. 2017) replaces G
@@ -178,7 +178,7 @@ class _Collector:
                     if numel > DENSE_BLOCK_LIMIT:
                         raise ValueError(
                             f"Parameter {p!r} ({numel} entries) belongs to no layer with a "
-                            f"Kronecker factorization (Linear, Conv1d/2d with groups=1) and is "
+                            f"Kronecker factorization (Linear, Conv1d/2d/3d with groups=1) and is "
                             f"too large for a dense block (limit {DENSE_BLOCK_LIMIT}). Pass "
                             "unsupported='drop' to leave it out, or params= without it."
                         )
@@ -256,7 +256,7 @@ def kfac_factors(model, loss_fn, data, *, fisher="mc", mc_samples=1, seed=None, 
         else:
             raise ValueError(
                 f"Parameter {p!r} belongs to no layer with a Kronecker factorization "
-                "(nn.Linear, nn.Conv1d/Conv2d with groups=1, used only through its module). "
+                "(nn.Linear, nn.Conv1d/2d/3d with groups=1, used only through its module). "
                 "Pass params= without it."
             )
     return out
@@ -266,7 +266,7 @@ class KFAC(BlockDiag):
     """K-FAC: the GGN (or Fisher) approximated by one Kronecker product per weight.
 
     A ``linops.BlockDiag`` in ``param_space`` order with a block per parameter: weights
-    of ``nn.Linear`` and ``nn.Conv1d``/``Conv2d`` (groups = 1) ``G ⊗ A`` (``linops.Kronecker``
+    of ``nn.Linear`` and ``nn.Conv1d``/``2d``/``3d`` (groups = 1) ``G ⊗ A`` (``linops.Kronecker``
     of PSD dense factors), biases their GGN block ``G``, any other parameter a dense block
     of its (exact or sampled) GGN (``unsupported='dense'``, up to 4096 entries) or left out
     of the operator (``'drop'``); ``K.info["kinds"]`` says which parameter took which.

@@ -35,11 +35,12 @@ Over several batches, sums accumulate to the value of the whole data set and per
 names concatenate along the sample dimension.
 
 How each parameter is computed (``supported_layers()`` prints the table): ``nn.Linear``
-(any leading dimensions) and ``nn.Conv1d``/``nn.Conv2d`` by closed forms; any other
-module owning the parameter (Conv3d, transposed convolutions, BatchNorm in eval mode,
-LayerNorm, GroupNorm, Embedding, ...) by ``torch.func`` per-sample ``vjp`` of that module
-alone; a parameter that no module call accounts for (used directly in a parent's
-``forward``, or besides its module's own call) by the per-sample ``vjp`` of the whole
+(any leading dimensions), ``nn.Conv1d``/``2d``/``3d``, BatchNorm in eval mode, LayerNorm,
+GroupNorm and Embedding by closed forms (``layers/``); any other module owning the
+parameter (transposed convolutions, attention, recurrent layers, ...) by ``torch.func``
+per-sample ``vjp`` of that module alone; a parameter that no module call accounts for
+(used directly in a parent's ``forward``, or besides its module's own call) by the
+per-sample ``vjp`` of the whole
 model. Between the layers, autograd carries the cotangents (activations, pooling,
 residual connections, attention), so no model structure is assumed.
 
@@ -66,8 +67,6 @@ from ._mlp import _activation
 from ._records import backprop, param_owners, record_forward
 from .layers import rule_for
 from .layers._base import MODULE_RULE
-from .layers.conv import ConvRule
-from .layers.linear import LinearRule
 from .losses import loss_curvature
 
 __all__ = ["quantities", "QUANTITY_NAMES", "Engine"]
@@ -264,11 +263,11 @@ class _Plan:
             for local, p in r.params.items():
                 self.uses[p].append((i, r, rule, local))
         # a parameter used outside its recorded calls (or by no module call) takes the
-        # whole-model rule: a Linear or Conv call adds one graph edge into each of its
-        # parameters, so more edges than calls mean other uses
+        # whole-model rule: a call of a closed-form layer adds one graph edge into each of
+        # its parameters, so more edges than calls mean other uses
         edges = _leaf_edges(rec.output, rec.leaves)
         for p, uses in self.uses.items():
-            one_edge = all(isinstance(rule, (LinearRule, ConvRule)) for _, _, rule, _ in uses)
+            one_edge = all(rule.single_edge for _, _, rule, _ in uses)
             if not uses or (one_edge and edges.get(p, 0) != len(uses)):
                 fallback.add(p)
         for p in fallback:
@@ -720,7 +719,7 @@ def quantities(model, loss_fn, data, names, *, params=None, mc_samples: int = 1,
     The Kronecker names ``kfac`` (``mc_samples`` sampled columns), ``kflr`` (exact) and
     ``kfra`` (KFRA, MLP chains only) give BackPACK's factors: ``[G, A]`` for a weight
     (``G ⊗ A`` approximates its block; G is out × out, A in × in), ``[G]`` for a bias, for
-    ``nn.Linear`` and ``nn.Conv1d``/``Conv2d`` (groups = 1); they take a pass of their own.
+    ``nn.Linear`` and ``nn.Conv1d``/``2d``/``3d`` (groups = 1); they take a pass of their own.
     The block products ``hmp``, ``ggnmp``, ``pchmp_abs``, ``pchmp_clip`` give, per
     parameter, a callable ``V (V, *p.shape) → (V, *p.shape)`` multiplying with that
     parameter's block of the Hessian, the GGN or the positive-curvature Hessian (see

@@ -13,7 +13,7 @@ records takes the whole-model rule in ``linops.curvature.quantities``. ``support
 is the table of which module takes which path, read from this registry.
 """
 
-from . import conv, linear  # noqa: E402  (registers the rules)
+from . import conv, embedding, linear, norm  # noqa: E402  (registers the rules)
 from ._base import (
     REGISTRY,
     LayerRule,
@@ -25,4 +25,4 @@ from ._base import (
 )
 
 __all__ = ["REGISTRY", "LayerRule", "ModuleRule", "register", "rule_for",
-           "supported_layers", "supported_layers_table", "conv", "linear"]
+           "supported_layers", "supported_layers_table", "conv", "embedding", "linear", "norm"]

@@ -36,6 +36,9 @@ class LayerRule:
     description = ""
     #: what K-FAC does with the layer's weight (for the table)
     kronecker = "dense GGN block (up to 4096 entries) or dropped"
+    #: one call of the layer adds exactly one graph edge into each of its parameters (so
+    #: more edges than calls reveal a use outside the layer's calls)
+    single_edge = True
 
     def problem(self, rec) -> str | None:
         """Why the rule cannot take this call (None if it can)."""
@@ -73,6 +76,7 @@ class ModuleRule(LayerRule):
     every tensor input to carry the samples along dimension 0."""
 
     description = "torch.func per-sample vjp of the module"
+    single_edge = False  # a module's forward may use a parameter several times
 
     def problem(self, rec):
         N = rec.input.shape[0] if rec.args and isinstance(rec.args[0], torch.Tensor) else None

@@ -1,15 +1,16 @@
-"""``nn.Conv1d`` and ``nn.Conv2d`` (zero padding, any stride, dilation and groups).
+"""``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d`` (zero padding, any stride, dilation, groups).
 
 The input is unfolded (``F.unfold``: one column of ``C_in/groups · kernel`` entries per
 output position), which turns the convolution of each group into a Linear layer shared
 over the L output positions: the per-sample weight gradient is
 ``Σₗ gₘₙₗ uₙₗᵀ`` and the formulas of ``linear.py`` apply with T = L (for one group; with
-several, per group). Conv1d is unfolded as a Conv2d of height 1. Other convolutions
-(Conv3d, transposed ones, padding modes other than zeros, ``padding='same'``) take the
-generic ``torch.func`` rule.
+several, per group). Transposed convolutions, padding modes other than zeros and
+``padding='same'`` take the generic ``torch.func`` rule.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -21,22 +22,23 @@ from ._base import LayerRule, register
 __all__ = ["ConvRule"]
 
 
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
 def _unfold(m, x, groups):
-    """The input patches ``(N, G, C_in/G · kernel, L)`` (the layout of ``F.unfold``),
-    computed as a convolution with a one-hot kernel (several times faster on CPU than
-    ``im2col``)."""
-    k, s, p, d = m.kernel_size, m.stride, m.padding, m.dilation
-    if isinstance(m, nn.Conv1d):
-        x = x.unsqueeze(2)
-        k, s, p, d = (1, k[0]), (1, s[0]), (0, p[0]), (1, d[0])
+    """The input patches ``(N, G, C_in/G · kernel, L)`` (the layout of ``F.unfold``, in 1,
+    2 or 3 dimensions), computed as a convolution with a one-hot kernel (several times
+    faster on CPU than ``im2col``)."""
+    k = m.kernel_size
     N, C = x.shape[0], x.shape[1]
-    kk = k[0] * k[1]
+    kk = math.prod(k)
     eye = torch.eye(kk, dtype=x.dtype, device=x.device).reshape(kk, 1, *k)
-    U = F.conv2d(x, eye.repeat(C, 1, 1, 1), stride=s, padding=p, dilation=d, groups=C)
+    U = _CONV[len(k)](x, eye.repeat(C, *([1] * (len(k) + 1))), stride=m.stride,
+                      padding=m.padding, dilation=m.dilation, groups=C)
     return U.reshape(N, groups, (C // groups) * kk, -1)
 
 
-@register(nn.Conv1d, nn.Conv2d)
+@register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvRule(LayerRule):
     description = "closed form on the unfolded input (Linear formulas per group)"
     kronecker = "KFC: G ⊗ A over the unfolded input (groups = 1; other groups: dense block)"
