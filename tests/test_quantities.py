@@ -122,6 +122,19 @@ class SelfProduct(nn.Module):  # h hᵀ: a second-order term no activation holds
         return (h.unsqueeze(2) @ h.unsqueeze(1)).flatten(1)
 
 
+class EmbedBN(nn.Module):  # Embedding with padding_idx, BatchNorm1d (eval), LayerNorm (3-D)
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(6, 4, padding_idx=0)
+        self.ln = nn.LayerNorm(4)
+        self.bn = nn.BatchNorm1d(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.ln(self.emb(x)).mean(1)
+        return self.head(torch.tanh(self.bn(h)))
+
+
 def _bn_model():
     m = ResBN()
     with torch.no_grad():
@@ -167,6 +180,9 @@ CASES = [
      lambda: torch.randint(0, 3, (N, 5)), nn.CrossEntropyLoss(), ALL_EXACT),
     ("residual-batchnorm-eval", _bn_model, _x(2, 4, 4), _cls(), nn.CrossEntropyLoss(),
      ALL_EXACT),
+    ("embedding-padding-batchnorm1d-layernorm", EmbedBN,
+     lambda: torch.tensor([[0, 1, 2], [3, 0, 5], [1, 1, 4], [0, 0, 2]]), _cls(),
+     nn.CrossEntropyLoss(), NO_H),
     ("gated-branches", Gated, _x(4), lambda: torch.randn(N, 3, dtype=F64), nn.MSELoss(),
      ALL_EXACT),
     ("self-product", SelfProduct, _x(4), lambda: torch.randn(N, 4, dtype=F64), nn.MSELoss(),
