@@ -114,8 +114,9 @@ class Linearization:
       a hundred gradients' cost, paid at the first product) and then runs the tangent pass
       alone, without the primal: the cheapest ``J v`` once its tracing is amortized over
       many products;
-    - ``"auto"``: forward mode, and double backward where an operation has no forward-mode
-      rule (the choice is made at the first product and kept; ``route_used`` says which).
+    - ``"auto"``: ``prefer`` (forward mode unless told otherwise), and the other route where
+      an operation has no rule for it (the choice is made at the first product and kept;
+      ``route_used`` says which).
 
     Args:
         out: ``f(x)``, computed with ``leaves`` requiring grad (graph kept).
@@ -130,6 +131,8 @@ class Linearization:
             operators.
         diagnose: ``diagnose() -> str``, a phrase naming what cannot be differentiated,
             called only when every route failed.
+        prefer: the route ``"auto"`` tries first (``"forward mode"`` or
+            ``"double backward"``).
 
     Raises:
         ValueError: if ``out`` does not depend on some input (the message names it).
@@ -145,6 +148,7 @@ class Linearization:
         what: str = "input",
         route: str = "double backward",
         diagnose: Callable[[], str] | None = None,
+        prefer: str = "forward mode",
     ):
         if route not in JVP_ROUTES:
             raise ValueError(f"route must be one of {JVP_ROUTES}; got {route!r}.")
@@ -157,6 +161,7 @@ class Linearization:
         self._diagnose = diagnose
         self.vectorize = default_vectorize(out.device) if vectorize is None else vectorize
         self.route = route
+        self.prefer = prefer
         #: the route ``jvp`` took (None before the first product of ``"auto"``)
         self.route_used = None if route == "auto" else route
         self._g = None  # the double-backward graph, built on first use
@@ -200,7 +205,25 @@ class Linearization:
             return self._jvp_linearize(V, k)
         if route == "double backward":
             return self._jvp_double_backward(V, k)
-        # auto: forward mode, else double backward; the first product decides
+        # auto: the preferred route, else the other; the first product decides
+        if self.prefer == "double backward" or self._rerun is None:
+            try:
+                jv = self._jvp_double_backward(V, k, fallback=False)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as backward_err:
+                if self._rerun is None:
+                    raise
+                try:
+                    jv = self._jvp_forward(V, k)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as err:  # noqa: BLE001
+                    raise self._no_route_error(err, backward_err) from err
+                self.route_used = "forward mode"
+                return jv
+            self.route_used = "double backward"
+            return jv
         try:
             jv = self._jvp_forward(V, k)
         except torch.OutOfMemoryError:

@@ -9,8 +9,10 @@ terms for a mean). They differ in the output-space block ``B_n``:
 - ``MCFisher``: ``(1/S) Σ_s r̃_ns r̃_nsᵀ`` with gradients at labels drawn from the model,
   an unbiased estimate of the GGN.
 
-Each product column costs one reverse pass over the backward graph (``J v``) and one
-reverse pass (``Jᵀ u``) per batch; the forward pass and linearization run once when the
+A product costs ``J v`` (by default in forward mode: the batch's forward pass re-run with
+dual tensors and no graph, k columns in one vmapped pass; or the double backward, or
+``torch.func.linearize``: see ``route`` in ``CurvatureOperator``) and one reverse pass over
+the kept graph (``Jᵀ u``) per batch; the forward pass with its graph runs once when the
 operator is built (one batch, or ``cache=True``) or once per batch per product otherwise.
 For a multilayer perceptron (``fast_path``) ``J v`` and ``Jᵀ u`` are hand-written on raw
 tensors instead (``_mlp.py``): 4 GEMMs per layer, no autograd, k columns batched.
@@ -38,7 +40,8 @@ class _JBJ(CurvatureOperator):
             leaves, out = self._forward(X)
             lin = Linearization(out, leaves, self.param_space.names, rerun=self._rerun(X),
                                 vectorize=self.vectorize, what="parameter",
-                                route=self._route, diagnose=self._diagnoser(X, 1))
+                                route=self._route, diagnose=self._diagnoser(X, 1),
+                                prefer=self._preferred_jvp())
             state = {"lin": lin}
         state["loss"] = self._loss_curv.prepare(out, y)
         state["out"], state["y"] = out.detach(), y
@@ -47,6 +50,15 @@ class _JBJ(CurvatureOperator):
 
     def _extend_state(self, state, generator) -> None:
         pass
+
+    def _preferred_jvp(self) -> str:
+        """The route ``route='auto'`` tries first. Measured (``benchmarks/architectures_bench.py``,
+        2 shared cores): on attention models the double backward's product costs 10 to 30 %
+        less than forward mode's (forward mode re-runs the math attention kernel with dual
+        tensors); on convolutions with batch norm forward mode's costs 20 to 30 % less; on
+        plain CNNs they tie, and forward mode's build is cheaper (no backward graph)."""
+        attention = any("attention" in k for k in self._kernels.switches)
+        return "double backward" if attention else "forward mode"
 
     def _apply(self, state, V, k):
         if "mlp" in state:
@@ -77,8 +89,11 @@ class GGN(_JBJ):
     the number of terms for ``'mean'``: ``G`` is the GGN of the loss over the whole data
     set, however it is split into batches. PSD and self-adjoint.
 
-    Cost: building one batch runs its forward pass and one reverse pass; each product
-    column then costs two reverse passes (about 1.4 gradients), no forward pass. For a
+    Cost: building one batch runs its forward pass (keeping its graph); each product
+    column then costs a forward-mode pass (primal and tangent, no graph; on attention
+    models the double backward instead, see ``route``) and a reverse pass over the kept
+    graph, 1.5 to 2 gradients on the transformer, CNN and ResNet of
+    ``benchmarks/architectures_bench.py``; k columns share one primal pass. For a
     multilayer perceptron (``fast_path``) building is one forward pass with raw operations
     and a product a hand-written tangent forward and backward pass (4 GEMMs per layer;
     0.9 to 1.1 autograd gradients on the reference MLP). Over several batches without
@@ -86,8 +101,9 @@ class GGN(_JBJ):
 
     Args:
         model, loss_fn, data, params, cache, progress, allow_train_mode, vectorize,
-            fast_path: see ``linops.curvature.CurvatureOperator`` (which also documents
-            the attributes ``loss`` and ``gradient``).
+            fast_path, route, output_fn, reference_kernels: see
+            ``linops.curvature.CurvatureOperator`` (which also documents the attributes
+            ``loss`` and ``gradient``, and ``info``: the route taken).
 
     Example:
         >>> import torch
