@@ -39,6 +39,9 @@ def test_notebook_runs(path, monkeypatch):
         assert "Gauss-Newton: final loss" in text
         assert "natural gradient: final loss" in text
         assert "relative difference" in text
+    if path.name == "spectral_diagnostics.ipynb":
+        assert "hessian spectrum: top-" in text and "0 Conv2d" in text
+        assert "GGN top eigenvalues" in text
     if path.name == "cg_newton.ipynb":
         assert "data: " in text and "held-out accuracy" in text
         assert "CGNewton, GGN" in text and "CGNewton, Hessian" in text and "SGD" in text
