@@ -136,3 +136,11 @@ def test_wasserstein_helper_against_scipy():
     x, w, y = rng.normal(size=30), rng.random(30), rng.normal(size=50)
     assert abs(wasserstein1(torch.tensor(x), torch.tensor(w), torch.tensor(y))
                - wasserstein_distance(x, y, w, None)) < 1e-12
+
+
+def test_half_precision_operator_runs_in_float32():
+    lam = torch.linspace(0, 1, 100, dtype=F64)
+    M = spectrum_matrix(lam, seed=6)
+    d = spectral_density(SelfAdjoint(Dense(M.to(torch.bfloat16))), 4, 30, seed=0)
+    assert d.status.name == "CONVERGED"
+    assert wasserstein1(d.nodes, d.weights, lam) <= 0.02

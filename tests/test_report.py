@@ -111,3 +111,14 @@ def test_plots_draw_and_matplotlib_is_imported_only_when_plotting():
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+def test_report_over_a_list_of_batches_with_progress_bars():
+    """Over two batches (as from a DataLoader), the mean loss's curvature is the full
+    batch's: the same top eigenvalues; tqdm bars over the passes."""
+    model, X, y = tiny_cnn()
+    kw = dict(per_layer=False, top_k=2, trace_samples=8, num_probes=2, num_steps=10, tol=1e-8)
+    one = report(model, nn.CrossEntropyLoss(), (X, y), "ggn", **kw)
+    two = report(model, nn.CrossEntropyLoss(), [(X[:5], y[:5]), (X[5:], y[5:])], "ggn",
+                 progress=True, **kw)
+    assert torch.allclose(one.rows[0].top, two.rows[0].top, rtol=1e-6)

@@ -22,6 +22,7 @@ import torch
 from linops import LinearOperator, is_self_adjoint
 
 from .._common import check_operator
+from .._precision import in_working_precision
 from ..result import NotConvergedWarning, Status
 
 __all__ = ["SpectralDensity", "spectral_density"]
@@ -214,10 +215,9 @@ def spectral_density(
     n = A.shape[0]
     p, m = int(num_probes), min(int(num_steps), n)
     g = torch.Generator(device="cpu").manual_seed(0 if seed is None else int(seed))
-    work = torch.float32 if A.dtype in (torch.float16, torch.bfloat16) else A.dtype
+    matmat, work = in_working_precision(A._matmat, A.dtype)  # half precision: float32
     Z = (2 * torch.randint(0, 2, (n, p), generator=g) - 1).to(dtype=work, device=A.device)
-    alphas, betas, lengths = lanczos_probes(A._matmat, Z.to(A.dtype) if work == A.dtype else Z,
-                                            m, reorthogonalize=reorthogonalize)
+    alphas, betas, lengths = lanczos_probes(matmat, Z, m, reorthogonalize=reorthogonalize)
     T = torch.diag_embed(alphas.mT)
     if m > 1:
         T = T + torch.diag_embed(betas.mT, 1) + torch.diag_embed(betas.mT, -1)
