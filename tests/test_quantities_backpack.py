@@ -65,7 +65,8 @@ def _backpack_missing() -> str | None:
     return None
 
 
-def _backpack_values(problem: str, tmp_path: Path) -> dict:
+def _start_backpack(problem: str, tmp_path: Path):
+    """Start BackPACK's process (it runs while ours computes); ``(process, cmd, file)``."""
     reason = _backpack_missing()
     if reason is not None:
         pytest.skip(reason)
@@ -73,10 +74,21 @@ def _backpack_values(problem: str, tmp_path: Path) -> dict:
     cmd = [str(PEERS_PYTHON), str(SCRIPT), "--values", str(out), "--problem", problem,
            "--batch", str(BATCH[problem]), "--mc_samples", str(MC_SAMPLES),
            "--seed", str(SEED), "--threads", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO)
+    return proc, cmd, out
+
+
+def _backpack_values(proc, cmd, out) -> dict:
+    try:
+        _, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} did not finish in 600 s")
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{stderr[-3000:]}"
     saved = torch.load(out, weights_only=False)
-    assert not saved["errors"], f"BackPACK raised on {problem}: {saved['errors']}"
+    assert not saved["errors"], f"BackPACK raised: {saved['errors']}"
     return saved["values"]
 
 
@@ -120,9 +132,15 @@ def _differences(ours: dict, theirs: dict) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("problem", ["linear", "cnn"])
 def test_every_name_equals_backpack(problem, tmp_path):
-    theirs = _backpack_values(problem, tmp_path)
+    proc, cmd, out = _start_backpack(problem, tmp_path)
+    try:
+        ours = _ours(problem)
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    theirs = _backpack_values(proc, cmd, out)
     assert sorted(theirs) == sorted(BQ.NAMES)
-    ours = _ours(problem)
     problems = _differences(ours, theirs)
     assert not problems, (f"{problem} (batch {BATCH[problem]}, float64): ours differs from "
                           "BackPACK:\n" + "\n".join(problems))

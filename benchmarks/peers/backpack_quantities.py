@@ -20,11 +20,13 @@ Modes (one per process):
   model that BackPACK has not extended: the unit of every ratio) and, for every name, a
   forward pass and a ``loss.backward()`` inside ``with backpack(Extension()):`` on the
   extended model, interleaved round-robin (``_harness.time_round_robin``); prints one JSON
-  line of medians in seconds.
-- ``--memory NAME``: one fresh process for one name: after one warm-up forward + backward
-  (and the first call of NAME), the growth of the process's peak resident set size
-  (``getrusage(RUSAGE_SELF).ru_maxrss``) over one more call of NAME; prints one JSON line.
-  ``--memory grad`` is the plain forward + backward alone.
+  line of medians: wall seconds (``seconds``) and process CPU seconds, all threads
+  (``cpu_seconds``).
+- ``--memory NAME``: one fresh process for one name: after a warm-up call of NAME on the
+  first two samples, the growth of the process's peak resident set size
+  (``getrusage(RUSAGE_SELF).ru_maxrss``) over one call of NAME on the full batch
+  (``peak_rss_growth``); prints one JSON line. ``--memory grad`` is the plain forward +
+  backward.
 - ``--values PATH``: every name once (float64 unless ``--dtype``), ``torch.save`` of
   ``{name: {param_name: tensor}}`` to PATH; ``torch.manual_seed(--seed)`` before each
   Monte-Carlo name's forward pass (what ``tests/test_quantities_backpack.py`` compares with).
@@ -139,6 +141,51 @@ class BackpackRunner:
         return out
 
 
+def peak_rss_growth(fn, runner) -> dict:
+    """Peak-RSS growth of one call of ``fn`` on the full batch, after a warm-up call on
+    the first two samples (code paths, lazy initialisations, thread pools; little memory).
+
+    ``ru_maxrss`` is the process's high-water mark, so the growth is how far the call
+    raised the peak above everything the process had held before it (model, data, the
+    warm-up's buffers): the memory the call needs beyond that, its results included.
+    """
+    X, y = runner.X, runner.y
+    runner.X, runner.y = X[:2], y[:2]
+    try:
+        fn()
+    finally:
+        runner.X, runner.y = X, y
+    before = max_rss_bytes()
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    after = max_rss_bytes()
+    return {"peak_rss_before": before, "peak_rss_growth": after - before, "seconds": seconds}
+
+
+def with_cpu_times(contenders: dict):
+    """Wrap each callable to record its process CPU time per call (all threads)."""
+    cpu = {name: [] for name in contenders}
+
+    def wrap(name, fn):
+        def call():
+            start = time.process_time()
+            value = fn()
+            cpu[name].append(time.process_time() - start)
+            return value
+        return call
+
+    return {name: wrap(name, fn) for name, fn in contenders.items()}, cpu
+
+
+def cpu_medians(cpu: dict, warmup: int) -> dict:
+    """Median CPU seconds of the timed calls (the first ``warmup`` calls are dropped)."""
+    import statistics
+
+    return {name: statistics.median(ts[warmup:]) for name, ts in cpu.items()
+            if len(ts) > warmup}
+
+
 def versions() -> dict:
     import importlib.metadata
 
@@ -193,30 +240,24 @@ def main() -> None:
         raise SystemExit("give one of --bench 1, --memory NAME, --values PATH")
     if args.memory:
         name = args.memory
+        record["name"] = name
         fn = runner.grad if name == "grad" else (lambda: runner.call(name))
-        runner.grad()
         try:
-            fn()  # first call: lazy allocations, one-off set-up
-            before = max_rss_bytes()
-            start = time.perf_counter()
-            fn()
-            record["seconds"] = time.perf_counter() - start
-            record["peak_rss_growth"] = max_rss_bytes() - before
-            record["peak_rss"] = max_rss_bytes()
+            record.update(peak_rss_growth(fn, runner))
         except Exception as exc:  # noqa: BLE001
             record["error"] = error_text(exc)
-        record["name"] = name
         emit(record)
         return
 
     contenders = {"grad": runner.grad}
     for name in names:
         contenders[name] = (lambda n=name: runner.call(n))
+    contenders, cpu = with_cpu_times(contenders)
     timed = time_round_robin(contenders, reps=args.reps, warmup=args.warmup)
     record["reps"], record["warmup"] = args.reps, args.warmup
     record["seconds"] = medians(timed)
+    record["cpu_seconds"] = cpu_medians(cpu, args.warmup)
     emit(record)
-
 
 if __name__ == "__main__":
     main()
