@@ -111,6 +111,8 @@ class CurvatureOperator(LinearOperator):
         loss: the loss over the whole data set at the parameters (0-dim, detached).
         gradient: its gradient in the parameters, flat ``(n,)`` in ``param_space`` order
             (detached).
+        info: how the products are computed (``Route``: the path, the route of ``route=``
+            taken, the kernels switched during the operator's passes).
 
     Both are computed on first access from the linearization the operator keeps (one
     batch, or ``cache=True``): the loss from the kept outputs (no pass), the gradient by one

@@ -40,8 +40,9 @@ class Hessian(CurvatureOperator):
 
     Args:
         model, loss_fn, data, params, cache, progress, allow_train_mode, vectorize,
-            fast_path: see ``linops.curvature.CurvatureOperator`` (which also documents
-            the attributes ``loss`` and ``gradient``).
+            fast_path, route, output_fn, reference_kernels: see
+            ``linops.curvature.CurvatureOperator`` (which also documents the attributes
+            ``loss`` and ``gradient``, and ``info``: the route taken).
 
     Example:
         >>> import torch
