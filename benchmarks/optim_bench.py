@@ -270,7 +270,6 @@ def main(argv=None):
                 "threads": args.threads, "reps": args.reps, "rounds": args.rounds}
         Path(args.out).write_text(json.dumps({"meta": meta, "rounds": rounds,
                                               "summary": summary}, indent=1))
-    _ = h
     return summary
 
 
