@@ -8,6 +8,7 @@ asserts on. The test kills the ranks after a hard timeout, so a hang fails it.
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import sys
 import time
 import traceback
@@ -63,12 +64,13 @@ def main(rank: int, world: int, port: int, out: str) -> None:
     local = shard(rank)
     n = sum(p.numel() for p in model.parameters())
 
-    # every operator, cached and not, on the fast path and on autograd
+    # every operator, cached and not, on the fast path (GGN and Hessian on autograd too;
+    # the two Fishers share the GGN's autograd code)
     kinds = {"GGN": GGN, "Hessian": Hessian, "EmpiricalFisher": EmpiricalFisher,
              "MCFisher": MCFisher}
     for name, cls in kinds.items():
         for cache in (True, False):
-            for fast in (None, False):
+            for fast in ((None, False) if cls in (GGN, Hessian) else (None,)):
                 extra = {"mc_samples": 2, "seed": 3} if cls is MCFisher else {}
                 op = cls(model, loss, local, cache=cache, fast_path=fast,
                          process_group=group, **extra)
@@ -118,6 +120,23 @@ def main(rank: int, world: int, port: int, out: str) -> None:
     ht = solvers.Hutchinson(samples=6, seed=0)
     res["Hutchinson trace"] = (solvers.trace(G, ht), solvers.trace(R, ht))
     res["exact trace"] = (solvers.trace(G), torch.trace(R.to_dense()))
+    # three optimizer steps: every rank steps on its shard, as one process on the whole batch
+    m_dist, m_one = mlp(), mlp()
+    # (converged, well-conditioned solves: 20 CG iterations on a system as ill-conditioned
+    # as damping 1e-3 makes it amplify the rounding of the sums' order to 1e-5, in one
+    # process as on several)
+    exact = solvers.CG(tol=1e-11, max_iters=100)
+    opt_d = solvers.optim.GaussNewton(m_dist, loss, lr=0.5, damping=0.1, alg=exact,
+                                      process_group=group)
+    opt_1 = solvers.optim.GaussNewton(m_one, loss, lr=0.5, damping=0.1, alg=exact)
+    batch = (torch.cat([a for a, _ in local]), torch.cat([b for _, b in local]))
+    for i in range(3):
+        ld, _ = opt_d.step(batch)
+        l1, _ = opt_1.step((X, y))
+        res[f"GaussNewton step {i + 1}: loss"] = (ld, l1)
+    res["GaussNewton: parameters after 3 steps"] = (
+        torch.cat([p.detach().reshape(-1) for p in m_dist.parameters()]),
+        torch.cat([p.detach().reshape(-1) for p in m_one.parameters()]))
 
     print(f"rank {rank}: solvers {time.perf_counter() - t0:.1f} s", flush=True)
     # misuse: every rank raises, none hangs
@@ -152,6 +171,7 @@ def main(rank: int, world: int, port: int, out: str) -> None:
 
 if __name__ == "__main__":
     rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    faulthandler.dump_traceback_later(float(sys.argv[5]), exit=True)  # a hang shows where
     try:
         main(rank, world, port, out)
     except Exception:

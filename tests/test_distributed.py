@@ -21,7 +21,10 @@ from torch import nn
 from linops.curvature import GGN
 
 WORKER = Path(__file__).with_name("_distributed_worker.py")
-TIMEOUT = 120  # seconds for both ranks together, imports included
+TIMEOUT = 240  # seconds for both ranks together, imports included (about 20 s on 2 idle
+# cores; the margin is for a machine shared with other jobs). A collective that waits
+# longer than 60 s raises in gloo, and a rank still running at TIMEOUT - 10 s prints its
+# stack and exits, so a hang fails with where it hung.
 WORLD = 2
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -43,7 +46,7 @@ def ranks(tmp_path_factory):
            "PYTHONPATH": os.pathsep.join([str(WORKER.parent.parent),
                                           os.environ.get("PYTHONPATH", "")])}
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(WORLD), str(port),
-                               str(out)], env=env, stdout=subprocess.PIPE,
+                               str(out), str(TIMEOUT - 10)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
              for r in range(WORLD)]
     logs = []
@@ -69,17 +72,19 @@ def _names(ranks):
 
 
 def test_equals_the_one_process_operator(ranks):
-    """Products, to_dense, loss, gradient, num_terms, CG, eigmax and traces on the shards
-    equal the one-process results on the whole data, on every rank, to rounding."""
+    """Products, to_dense, loss, gradient, num_terms, CG, eigmax, traces and three
+    GaussNewton steps on the shards equal the one-process results on the whole data, on
+    every rank, to rounding."""
     names = _names(ranks)
-    assert len(names) >= 70, names
+    assert len(names) >= 60, names
     for r, rank in enumerate(ranks):
         assert sorted(rank["results"]) == names
         for name, (got, want) in rank["results"].items():
             assert got.dtype == torch.float64, name
             assert got.shape == want.shape, (r, name)
             err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-300))
-            tol = 1e-6 if "Hutchinson" in name or "CG" in name or "eigmax" in name else 1e-12
+            loose = ("Hutchinson", "CG", "eigmax", "GaussNewton")  # iterations amplify rounding
+            tol = 1e-9 if any(w in name for w in loose) else 1e-12
             assert err <= tol, f"rank {r}, {name}: relative error {err:.3g}"
     # every rank holds the very same results (no rank took other decisions)
     for name in names:

@@ -121,7 +121,7 @@ class Collective:
         rank (the failed ones re-raise their own error)."""
         import torch.distributed as dist
 
-        failed = [r for r in range(self.size) if float(flags[r]) > 0]
+        failed = (flags > 0).nonzero().flatten().tolist()
         if not failed:
             return
         messages = [None] * self.size
@@ -141,11 +141,12 @@ class Collective:
 
     # ------------------------------------------------------------------ sums
     def sum(self, compute, size: int, what: str, checks: torch.Tensor | None = None):
-        """``(Σ_ranks compute(), Σ_ranks checks)`` by one all-reduce.
+        """The sums over the ranks of ``compute()`` and ``checks``, by one all-reduce.
 
         ``compute()`` returns ``(flat tensor of `size` entries, local term count)``; the
-        result is ``(summed flat tensor, global count, summed checks)``. If ``compute``
-        raises on a rank, every rank raises (see the module docstring).
+        result is ``(summed flat tensor, global count, summed checks)``, the last two on the
+        host in float64 (one copy per call). If ``compute`` raises on a rank, every rank
+        raises (see the module docstring).
         """
         import torch.distributed as dist
 
@@ -163,8 +164,9 @@ class Collective:
         if err is None and nc:
             buf[size + 1:size + 1 + nc] = checks
         dist.all_reduce(buf, group=self.group)
-        self._raise_failed(buf[size + 1 + nc:], err, what)
-        return buf[:size], buf[size], buf[size + 1:size + 1 + nc]
+        tail = buf[size:].to("cpu", torch.float64)  # one copy to the host per reduce
+        self._raise_failed(tail[1 + nc:], err, what)
+        return buf[:size], tail[0], tail[1:1 + nc]
 
     def product(self, X: torch.Tensor, compute):
         """``(Σ_ranks local product, global count)`` for the block ``X`` (n, k): one
@@ -179,7 +181,7 @@ class Collective:
         checks = torch.cat([s, s * s])
 
         flat, count, sums = self.sum(compute, n * k, "The product", checks)
-        S, S2 = sums[:k].double(), sums[k:].double()
+        S, S2 = sums[:k], sums[k:]
         spread = self.size * S2 - S * S  # = P² · variance of s over the ranks
         tol = (1e-9 if self.work == torch.float64 else 1e-4) * self.size * S2
         if bool((spread > tol + torch.finfo(torch.float64).tiny).any()):
@@ -217,6 +219,7 @@ class Collective:
             flags[self.rank] = 1.0
         buf = torch.cat([flags, counts, c, -c])
         dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self.group)
+        buf = buf.cpu()
         self._raise_failed(buf[:P], err, "Building the operator")
         counts = [int(x) for x in buf[P:2 * P].tolist()]
         m = c.numel()

@@ -54,6 +54,9 @@ class GaussNewton(CurvatureOptimizer):
         params: None (every trainable parameter of ``model``), parameters of ``model``, or
             parameter groups with their own ``lr`` and ``damping``.
         allow_train_mode: step even with dropout or batch norm in training mode.
+        process_group: a ``torch.distributed`` process group: each rank steps on its shard
+            of the batch and the curvature, loss and gradient are those of the union of the
+            shards (see ``linops.curvature.CurvatureOperator``); None: one process.
 
     ``opt.step((X, y))`` returns ``(loss, outputs)`` before the update. ``opt.last``:
     ``solution`` (the solver's record, or None for a structural solve), ``iterations``,
@@ -79,7 +82,7 @@ class GaussNewton(CurvatureOptimizer):
 
     def __init__(self, model, loss_fn, lr: float = 1.0, damping: float = 1e-3, *,
                  fisher: bool = False, mc_samples: int | None = None, seed: int | None = None,
-                 alg=None, params=None, allow_train_mode: bool = False):
+                 alg=None, params=None, allow_train_mode: bool = False, process_group=None):
         if not isinstance(fisher, bool):
             raise TypeError(f"fisher must be True or False; got {fisher!r}.")
         if mc_samples is not None:
@@ -94,6 +97,7 @@ class GaussNewton(CurvatureOptimizer):
         self.fisher = fisher
         self.mc_samples = mc_samples
         self.seed = seed
+        self.process_group = process_group
         self.alg = CG(tol=1e-3, max_iters=20) if alg is None else alg
         super().__init__(model, loss_fn, params, dict(lr=lr, damping=damping),
                          allow_train_mode=allow_train_mode)
@@ -111,10 +115,12 @@ class GaussNewton(CurvatureOptimizer):
                 seed = self.seed + self.steps - 1
             C = linops.curvature.MCFisher(self.model, self.loss_fn, (X, y), params=named,
                                           mc_samples=self.mc_samples, seed=seed,
-                                          allow_train_mode=self.allow_train_mode)
+                                          allow_train_mode=self.allow_train_mode,
+                                          process_group=self.process_group)
         else:
             C = linops.curvature.GGN(self.model, self.loss_fn, (X, y), params=named,
-                                     allow_train_mode=self.allow_train_mode)
+                                     allow_train_mode=self.allow_train_mode,
+                                     process_group=self.process_group)
         loss, g = C.loss, C.gradient
         outputs, extra = self._outputs(C, X)
         dampings = {g_["damping"] for _, _, g_ in chosen}
