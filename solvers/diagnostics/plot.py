@@ -43,7 +43,8 @@ def plot_density(density: SpectralDensity, ax=None, *, width: float | None = Non
         The axes.
     """
     plt = _plt()
-    if ax is None:
+    new = ax is None
+    if new:
         _, ax = plt.subplots(figsize=(6, 3.5))
     if scale == "linear":
         width = density.suggested_width() if width is None else width
@@ -71,6 +72,8 @@ def plot_density(density: SpectralDensity, ax=None, *, width: float | None = Non
     ax.set_ylabel("density")
     if label is not None:
         ax.legend()
+    if new:
+        ax.figure.tight_layout()
     return ax
 
 
@@ -100,11 +103,17 @@ def plot_report(report, *, scale: str = "linear", columns: int = 3, others=(), l
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows), squeeze=False)
     for i, row in enumerate(rows):
         ax = axes[i // ncols][i % ncols]
-        for rep, lab in zip(reports, labels):
-            r = rep[row.name]
-            plot_density(r.density, ax, scale=scale, label=lab)
-        ax.set_title(f"{row.name} (n={row.n}): λmax {float(row.top[0]):.3g}, "
-                     f"tr {row.trace:.3g}", fontsize=9)
+        same = [rep[row.name] for rep in reports]
+        width = None
+        if scale == "linear":  # one smoothing width per panel: 1 % of the union of ranges
+            lo = min(r.density.range[0] for r in same)
+            hi = max(r.density.range[1] for r in same)
+            width = max(0.01 * (hi - lo), 1e-12 * max(abs(lo), abs(hi), 1.0))
+        for r, lab in zip(same, labels):
+            plot_density(r.density, ax, scale=scale, label=lab, width=width)
+        lam = " → ".join(f"{float(r.top[0]):.3g}" for r in same)
+        tr = " → ".join(f"{r.trace:.3g}" for r in same)
+        ax.set_title(f"{row.name} (n={row.n}): λmax {lam}, tr {tr}", fontsize=9)
     for j in range(len(rows), nrows * ncols):
         axes[j // ncols][j % ncols].axis("off")
     fig.suptitle(f"{report.curvature} spectral density (log scale)")
