@@ -101,7 +101,7 @@ class GGN(_JBJ):
 
     Args:
         model, loss_fn, data, params, cache, progress, allow_train_mode, vectorize,
-            fast_path, route, output_fn, reference_kernels: see
+            fast_path, route, output_fn, reference_kernels, process_group: see
             ``linops.curvature.CurvatureOperator`` (which also documents the attributes
             ``loss`` and ``gradient``, and ``info``: the route taken).
 
@@ -150,7 +150,7 @@ class EmpiricalFisher(_JBJ):
 
     Args:
         model, loss_fn, data, params, cache, progress, allow_train_mode, vectorize,
-            fast_path: see ``linops.curvature.CurvatureOperator``.
+            fast_path, process_group: see ``linops.curvature.CurvatureOperator``.
 
     Example:
         >>> import torch
@@ -186,9 +186,10 @@ class MCFisher(_JBJ):
 
     Args:
         mc_samples: ``S``, the number of draws per sample (≥ 1).
-        seed: the seed of the draws.
+        seed: the seed of the draws (over a process group, rank r draws with
+            ``seed + r·2³²``: different samples on each rank, reproducible).
         model, loss_fn, data, params, cache, progress, allow_train_mode, vectorize,
-            fast_path: see ``linops.curvature.CurvatureOperator``.
+            fast_path, process_group: see ``linops.curvature.CurvatureOperator``.
 
     Example:
         >>> import torch

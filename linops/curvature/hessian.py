@@ -40,7 +40,7 @@ class Hessian(CurvatureOperator):
 
     Args:
         model, loss_fn, data, params, cache, progress, allow_train_mode, vectorize,
-            fast_path, route, output_fn, reference_kernels: see
+            fast_path, route, output_fn, reference_kernels, process_group: see
             ``linops.curvature.CurvatureOperator`` (which also documents the attributes
             ``loss`` and ``gradient``, and ``info``: the route taken).
 
