@@ -91,8 +91,8 @@ class _Factors:
 
 def _weight_factors(pieces, approx):
     """G and A (unnormalized) and A's count from the uses ``[(a, g)]`` of one weight."""
-    a = torch.cat([p[0] for p in pieces], dim=1)  # uses stacked along T
-    g = torch.cat([p[1] for p in pieces], dim=2)
+    a = _stack([p[0] for p in pieces], 1)  # uses stacked along T
+    g = _stack([p[1] for p in pieces], 2)
     N, T = a.shape[0], a.shape[1]
     gbar = g.sum(2)  # (M, N, O)
     if approx == "expand":
@@ -107,9 +107,12 @@ def _weight_factors(pieces, approx):
     return G, af.mT @ af, N
 
 
+def _stack(ts, dim):
+    return ts[0] if len(ts) == 1 else torch.cat(ts, dim=dim)
+
+
 def _bias_factor(pieces):
-    g = torch.cat([p[1] for p in pieces], dim=2)
-    gbar = g.sum(2)
+    gbar = sum(p[1].sum(2) for p in pieces)
     return torch.einsum("mno,mnp->op", gbar, gbar)
 
 
