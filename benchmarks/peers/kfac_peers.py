@@ -60,7 +60,7 @@ def main():
 
     K = cl("mc")()
     Kinv = KFACInverseLinearOperator(K, damping=1e-3)
-    v = torch.randn(sum(p.numel() for p in params)).numpy()
+    v = torch.randn(sum(p.numel() for p in params))
 
     timed = time_round_robin({
         "grad": grad, "backpack_kfac": bp(KFAC(mc_samples=1)), "backpack_kflr": bp(KFLR()),
