@@ -80,13 +80,19 @@ RELATIVE_TARGET = 0.8  # × BackPACK's ratio
 
 
 # ----------------------------------------------------------------------------- our worker
+#: the layer-wise engine's files under linops/curvature (others there do not run here)
+ENGINE_FILES = ("quantities.py", "_records.py", "_data.py", "_mlp.py", "losses.py",
+                "layers/*.py")
+
+
 def engine_source_hash() -> str:
     """sha1 (12 digits) of the engine's source files as this process read them: tells
     whether every round of a run measured the same code (the working tree may change)."""
     import hashlib
 
+    base = REPO / "linops" / "curvature"
     h = hashlib.sha1()
-    for path in sorted((REPO / "linops" / "curvature").rglob("*.py")):
+    for path in sorted(p for pattern in ENGINE_FILES for p in base.glob(pattern)):
         h.update(path.read_bytes())
     return h.hexdigest()[:12]
 
@@ -372,7 +378,7 @@ def main() -> None:
     sources = sorted({r.get("engine_source") for r in runs + memory_runs
                       if r.get("_contender") == "linops" and r.get("engine_source")})
     if len(sources) > 1:
-        print(f"WARNING: linops/curvature changed during the run (sources {sources}); "
+        print(f"WARNING: the engine's files changed during the run (sources {sources}); "
               "the rounds measured different code.")
     summary = summarize(runs, args.names, args.disturbed_cores)
     verdict = verdicts(summary, args.names)
