@@ -63,6 +63,7 @@ import torch
 from torch import nn
 
 from ._data import Batches, check_eval_mode, progress_bar, require_tqdm, resolve_params
+from ._distributed import group_sums, rank_seed, resolve_group, unwrap_ddp
 from ._mlp import _activation
 from ._records import backprop, param_owners, record_forward
 from .layers import rule_for
@@ -153,7 +154,8 @@ class Engine:
         return torch.Generator(device=self.device).manual_seed(self.seed)
 
     # ------------------------------------------------------------------ one batch
-    def prepare(self, X, y, sets: set, generator, activations: bool = False):
+    def prepare(self, X, y, sets: set, generator, activations: bool = False,
+                grad: bool = True):
         """One batch's forward pass with records and the cotangent column sets (``"grad"``
         always, ``"exact"``: the loss Hessian's square root, ``"mc"``: sampled) back-
         propagated to every recorded layer in one batched pass. Returns ``(plan,
@@ -170,7 +172,7 @@ class Engine:
         loss_state = self.loss_curv.prepare(out, y)
         plan = _Plan(self, rec, N)
         plan._input = X
-        cols = {"grad": self.loss_curv.residual(loss_state).unsqueeze(0)}
+        cols = {"grad": self.loss_curv.residual(loss_state).unsqueeze(0)} if grad else {}
         if "exact" in sets:
             cols["exact"] = self.loss_curv.hessian_sqrt(loss_state)
         if "mc" in sets:
@@ -192,7 +194,8 @@ class Engine:
             sets.add("exact")
         if want & {"diag_ggn_mc", "diag_ggn_mc_batch", "sqrt_ggn_mc"}:
             sets.add("mc")
-        plan, loss_state, out, N = self.prepare(X, y, sets, generator, need_h)
+        need_grad = gradient or bool(want & (set(FIRST_ORDER) | {"diag_h", "diag_h_batch"}))
+        plan, loss_state, out, N = self.prepare(X, y, sets, generator, need_h, need_grad)
         if need_h:
             plan.check_hessian_graph()
 
@@ -308,8 +311,11 @@ class _Plan:
         for r, rule, local, c in self._uses(p, key):
             if c is None:
                 continue
-            c = c if cols is None else c[cols]
-            part = rule.per_sample(r, c)[local]
+            if cols is None:  # every parameter of the call at once, once
+                part = self._memo(r, ("per_sample", key),
+                                  lambda rule=rule, r=r, c=c: rule.per_sample(r, c))[local]
+            else:
+                part = rule.per_sample(r, c[cols])[local]
             total = part if total is None else total + part
         if total is None:
             M = self.model_cots[key].shape[0] if cols is None else len(range(
@@ -317,15 +323,23 @@ class _Plan:
             total = self.engine.params[p].new_zeros((M, self.N, *shape))
         return total
 
+    @staticmethod
+    def _memo(r, token, compute):
+        """A rule's result for one layer call (all its parameters), computed once; only
+        for results that do not depend on per-call weights."""
+        memo = r.cache.setdefault("memo", {})
+        if token not in memo:
+            memo[token] = compute()
+        return memo[token]
+
     def _single(self, p, key):
         uses = self._uses(p, key) if p not in self.fallback else []
         live = [u for u in uses if u[3] is not None]
         return live[0] if len(uses) == 1 and len(live) == 1 else None
 
-    def _chunks(self, key, p):
+    def _chunks(self, key, numel):
         M = self.model_cots[key].shape[0]
-        per = max(1, self.N * self.engine.params[p].numel())
-        step = max(1, ENTRY_BUDGET // per)
+        step = max(1, ENTRY_BUDGET // max(1, self.N * numel))
         return [slice(i, min(M, i + step)) for i in range(0, M, step)]
 
     def summed(self, key, p) -> torch.Tensor:
@@ -335,40 +349,67 @@ class _Plan:
         for r, rule, local, c in self._uses(p, key):
             if c is None:
                 continue
-            part = rule.summed(r, c)[local]
+            part = self._memo(r, ("summed", key),
+                              lambda rule=rule, r=r, c=c: rule.summed(r, c))[local]
             total = part if total is None else total + part
         if total is None:
             M = self.model_cots[key].shape[0]
             return self.engine.params[p].new_zeros((M, *self.engine.params[p].shape))
         return total
 
+    def _record_numel(self, r):
+        return sum(self.engine.params[q].numel() for q in r.params.values())
+
     def sum_sq(self, key, p, w=None, batch=False) -> torch.Tensor:
         """Σₘ Σₙ w g² (``batch``: Σₘ only, (N, *p.shape))."""
         one = self._single(p, key)
         if one is not None:
             r, rule, local, c = one
-            fast = (rule.sum_sq_batch if batch else rule.sum_sq)(r, c, w)
-            if fast is not None:
-                return fast[local]
+
+            def compute():
+                fast = (rule.sum_sq_batch if batch else rule.sum_sq)(r, c, w)
+                return fast if fast is not None else self._record_sum_sq(r, rule, key, c, w,
+                                                                         batch)
+
+            if w is not None:  # per-call weights (the Hessian's unit columns): no memo
+                return compute()[local]
+            return self._memo(r, ("sum_sq", key, batch), compute)[local]
         acc = None
-        for sl in self._chunks(key, p):
-            g = self.per_sample(key, p, sl)
-            g2 = g * g
-            if w is not None:
-                g2 = g2 * w[sl].reshape(*w[sl].shape, *([1] * (g.ndim - 2)))
-            part = g2.sum(0) if batch else g2.sum((0, 1))
+        for sl in self._chunks(key, self.engine.params[p].numel()):
+            part = _square_sum(self.per_sample(key, p, sl), None if w is None else w[sl],
+                               batch)
             acc = part if acc is None else acc + part
+        return acc
+
+    def _record_sum_sq(self, r, rule, key, c, w, batch):
+        """Σ w g² of every parameter of one call, from its per-sample gradients in chunks
+        of columns."""
+        acc = {}
+        for sl in self._chunks(key, self._record_numel(r)):
+            for local, g in rule.per_sample(r, c[sl]).items():
+                part = _square_sum(g, None if w is None else w[sl], batch)
+                acc[local] = part if local not in acc else acc[local] + part
         return acc
 
     def sq_norm(self, key, p) -> torch.Tensor:
         one = self._single(p, key)
         if one is not None:
             r, rule, local, c = one
-            fast = rule.sq_norm(r, c)
-            if fast is not None:
-                return fast[local]
+
+            def compute():
+                fast = rule.sq_norm(r, c)
+                if fast is not None:
+                    return fast
+                parts = {}
+                for sl in self._chunks(key, self._record_numel(r)):
+                    for loc, g in rule.per_sample(r, c[sl]).items():
+                        parts.setdefault(loc, []).append(
+                            (g * g).reshape(g.shape[0], g.shape[1], -1).sum(-1))
+                return {loc: torch.cat(v) for loc, v in parts.items()}
+
+            return self._memo(r, ("sq_norm", key), compute)[local]
         parts = []
-        for sl in self._chunks(key, p):
+        for sl in self._chunks(key, self.engine.params[p].numel()):
             g = self.per_sample(key, p, sl)
             parts.append((g * g).reshape(g.shape[0], g.shape[1], -1).sum(-1))
         return torch.cat(parts)
@@ -539,6 +580,14 @@ def _check_no_self_product(output, leaves, names):
         deps[node] = own.union(*sets)
 
 
+def _square_sum(g, w, batch):
+    """Σₘ (Σₙ) w g² of per-sample gradients ``g`` (M, N, ...), weights ``w`` (M, N)."""
+    g2 = g * g
+    if w is not None:
+        g2 = g2 * w.reshape(*w.shape, *([1] * (g.ndim - 2)))
+    return g2.sum(0) if batch else g2.sum((0, 1))
+
+
 def _leaf_edges(output, leaves: dict) -> dict:
     """How many graph edges end in each parameter leaf."""
     acc_nodes = {}
@@ -614,10 +663,13 @@ def _check_names(names):
     return list(dict.fromkeys(names))
 
 
-def run(engine: Engine, data, names, progress: bool = False, gradient: bool = False):
+def run(engine: Engine, data, names, progress: bool = False, gradient: bool = False,
+        sums=None):
     """Pass over ``data`` computing ``names``; returns ``(results, info)`` with the
     scaled results and, in ``info``, the loss, flat gradient pieces and the output of a
-    single batch."""
+    single batch. ``sums``: a ``_distributed.GroupSums``: the summed names, gradient, loss
+    and counts are then all-reduced over its process group after the loop (per-sample
+    names stay on their rank, scaled by the global count)."""
     want = set(names)
     batches = Batches(data, engine.device)
     if progress:
@@ -653,6 +705,15 @@ def run(engine: Engine, data, names, progress: bool = False, gradient: bool = Fa
         count = count + res["_count"]
         N_total += res["_N"]
         output = res["_output"] if batches.single else None
+    if sums is not None:  # data-parallel: one all-reduce of every sum (issue 11)
+        keys = [(n, p) for n in names if n not in PER_SAMPLE for p in acc[n]]
+        gkeys = [] if grad is None else list(grad)
+        red = sums.reduce([acc[n][p] for n, p in keys] + [grad[p] for p in gkeys]
+                          + [value, count, N_total])
+        for (n, p), t in zip(keys, red):
+            acc[n][p] = t
+        grad = None if grad is None else dict(zip(gkeys, red[len(keys):-3]))
+        value, count, N_total = red[-3:]
     c = count if engine.loss_curv.reduction == "mean" else 1
     c = float(c)
     if c == 0:
@@ -666,11 +727,20 @@ def run(engine: Engine, data, names, progress: bool = False, gradient: bool = Fa
                          for p, ts in per_sample[name].items()}
         else:
             out[name] = acc[name]
+    # names may share a tensor (sum_grad_squared and variance): scale those out of place
+    uses = {}
+    for d in out.values():
+        for t in d.values():
+            key = t.untyped_storage().data_ptr()
+            uses[key] = uses.get(key, 0) + 1
+    for name in names:
         power = {"grad_batch": 1, "batch_l2": 2, "sum_grad_squared": 2, "variance": 2}.get(
             name, 1)
         scale = c ** power if not name.startswith("sqrt_") else math.sqrt(c)
-        if scale != 1:  # our own tensors: scaled in place
-            out[name] = {p: t.detach().div_(scale) for p, t in out[name].items()}
+        if scale != 1:  # our own tensors: scaled in place unless shared
+            out[name] = {p: t.detach().div_(scale)
+                         if uses[t.untyped_storage().data_ptr()] == 1 else t.detach() / scale
+                         for p, t in out[name].items()}
         if name == "variance":
             out[name] = {p: t / N_total - (grad[p] / c / N_total) ** 2
                          for p, t in out[name].items()}
@@ -681,7 +751,8 @@ def run(engine: Engine, data, names, progress: bool = False, gradient: bool = Fa
 
 
 def quantities(model, loss_fn, data, names, *, params=None, mc_samples: int = 1, seed=None,
-               progress: bool = False, kfac_approx: str = "backpack") -> dict:
+               progress: bool = False, kfac_approx: str = "backpack",
+               process_group=None) -> dict:
     """BackPACK's per-sample and curvature quantities, every name from one engine.
 
     ``quantities(model, loss_fn, data, names)`` returns ``{name: {param_name: tensor}}``
@@ -715,6 +786,11 @@ def quantities(model, loss_fn, data, names, *, params=None, mc_samples: int = 1,
         kfac_approx: the convention of the Kronecker names for weights shared over
             positions (sequences, convolutions): ``"backpack"`` (BackPACK's), ``"expand"``
             or ``"reduce"`` (see ``linops.curvature.kfac``).
+        process_group: a ``torch.distributed`` process group over whose ranks the data is
+            sharded (see ``linops.curvature.CurvatureOperator``): summed names and Kronecker
+            factors are those of the union of the shards (one all-reduce after the pass);
+            per-sample names stay on their rank; rank r draws with ``seed + r·2³²``. Not
+            with the block products.
 
     The Kronecker names ``kfac`` (``mc_samples`` sampled columns), ``kflr`` (exact) and
     ``kfra`` (KFRA, MLP chains only) give BackPACK's factors: ``[G, A]`` for a weight
@@ -741,6 +817,12 @@ def quantities(model, loss_fn, data, names, *, params=None, mc_samples: int = 1,
         (torch.Size([5, 3, 12]), torch.Size([3]))
     """
     names = _check_names(names)
+    group = resolve_group(process_group)
+    model = unwrap_ddp(model, group)
+    if group is not None and any(n in BLOCK_PRODUCTS for n in names):
+        raise ValueError(f"The block products {list(BLOCK_PRODUCTS)} do not take a "
+                         "process_group yet; use linops.curvature.BlockDiagCurvature on one "
+                         "process, or GGN/Hessian(process_group=...) for the full matrix.")
     out = {}
     kron = [n for n in names if n in KRONECKER]
     if kron:
@@ -749,7 +831,8 @@ def quantities(model, loss_fn, data, names, *, params=None, mc_samples: int = 1,
         for n in kron:
             out[n] = kfac_factors(model, loss_fn, data, fisher="mc" if n == "kfac" else "exact",
                                   kfra=n == "kfra", mc_samples=mc_samples, seed=seed,
-                                  kfac_approx=kfac_approx, params=params)
+                                  kfac_approx=kfac_approx, params=params,
+                                  process_group=group)
     for n in (n for n in names if n in BLOCK_PRODUCTS):
         from .blocks import block_product_callables
 
@@ -757,6 +840,9 @@ def quantities(model, loss_fn, data, names, *, params=None, mc_samples: int = 1,
                                          progress=progress)
     rest = [n for n in names if n not in KRONECKER + BLOCK_PRODUCTS]
     if rest:
+        seed = seed if seed is None else rank_seed(seed, group)
         engine = Engine(model, loss_fn, params, mc_samples=mc_samples, seed=seed)
-        out.update(run(engine, data, rest, progress)[0])
+        sums, guard = group_sums(group, engine, "quantities")
+        with guard:
+            out.update(run(engine, data, rest, progress, sums=sums)[0])
     return {n: out[n] for n in names}

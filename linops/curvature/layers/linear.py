@@ -8,8 +8,9 @@ gradients:
 
 - T = 1: ``‖∇W‖² = ‖aₙ‖² ‖gₘₙ‖²`` and ``Σₙ w (∇W)² = Σₙ w gₘₙ² (aₙ²)ᵀ`` (squares
   elementwise);
-- T > 1: ``‖∇W‖² = Σₜₛ (gₜ·gₛ)(aₜ·aₛ)`` (the Gram-matrix identity), used when T² is smaller
-  than the weight.
+- T > 1: ``‖∇W‖² = Σₜₛ (gₜ·gₛ)(aₜ·aₛ)`` (the Gram-matrix identity), used when the Gram
+  matrices, T²(I + M·O) multiply-adds per sample, cost less than the M per-sample
+  gradients, M·T·O·I.
 
 The same functions serve convolutions (``conv.py``), whose unfolded input is a Linear
 layer's input with T = the number of output positions.
@@ -65,10 +66,10 @@ def sum_sq_batch(a, g, w, bias: bool):
 def sq_norm(a, g, bias: bool):
     """‖∇W‖², ‖∇b‖² per column and sample, (M, N), or None where the Gram identity would
     cost more than the per-sample gradients."""
-    T, I, O = a.shape[1], a.shape[2], g.shape[3]
+    M, T, I, O = g.shape[0], a.shape[1], a.shape[2], g.shape[3]
     if T == 1:
         w = (g[:, :, 0] ** 2).sum(-1) * (a[:, 0] ** 2).sum(-1)
-    elif T * T <= I * O:
+    elif T * (I + M * O) <= M * O * I:  # the Gram matrices cost less than the gradients
         gram_a = torch.matmul(a, a.mT)  # (N, T, T)
         gram_g = torch.matmul(g, g.mT)  # (M, N, T, T)
         w = (gram_g * gram_a).sum((-2, -1))
