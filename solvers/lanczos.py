@@ -691,16 +691,19 @@ def lanczos_probes(
     anorm = torch.zeros(p, dtype=dtype, device=device)
     beta_prev = torch.zeros(p, dtype=dtype, device=device)
     ratio = _breakdown_ratio(eps)
+    # the (n, p) work per step is five passes: the product's output is updated in place
     for j in range(m):
         w = matmat(q)
         if j == 0:
             check_matmat_output(w, q)
-        alpha = (q * w).sum(0)
-        w = w - alpha * q - beta_prev * q_prev
+        if w.data_ptr() in (q.data_ptr(), q_prev.data_ptr()) or not w.is_contiguous():
+            w = w.contiguous().clone()  # an operator that hands back its input
+        alpha = torch.linalg.vecdot(q, w, dim=0)
+        w.addcmul_(q, alpha, value=-1).addcmul_(q_prev, beta_prev, value=-1)
         if Q is not None:
             Qj = Q[:, : j + 1]  # (p, j+1, n)
             c = torch.bmm(Qj, w.mT.unsqueeze(2))  # (p, j+1, 1)
-            w = w - torch.bmm(Qj.transpose(1, 2), c).squeeze(2).mT
+            w.sub_(torch.bmm(Qj.transpose(1, 2), c).squeeze(2).mT)
         beta = torch.linalg.vector_norm(w, dim=0)
         anorm = torch.maximum(anorm, alpha.abs() + beta + beta_prev)
         alphas[j] = torch.where(alive, alpha, 0).to(torch.float64)
@@ -708,7 +711,8 @@ def lanczos_probes(
         alive = alive & (beta > ratio * anorm)
         beta = torch.where(alive, beta, 0)
         betas[j] = beta.to(torch.float64)
-        q_prev, q = q, torch.where(alive, w / torch.clamp(beta, min=tiny), 0)
+        scale = torch.where(alive, 1 / torch.clamp(beta, min=tiny), 0)
+        q_prev, q = q, w.mul_(scale)
         if Q is not None and j + 1 < m:
             Q[:, j + 1] = q.mT
         beta_prev = beta

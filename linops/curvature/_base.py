@@ -499,13 +499,6 @@ class CurvatureOperator(LinearOperator):
     def _diag(self) -> torch.Tensor:
         """The exact diagonal (the Monte-Carlo Fisher's own, with its seed) from the
         layer-wise engine: one pass over the data (see ``linops.curvature.DiagGGN``)."""
-        if self._collective is not None:
-            raise ValueError(
-                f"{type(self).__name__}.diag() over a process group is not supported yet (the "
-                "layer-wise engine runs on one process's shard). Estimate it from products, "
-                "which reduce over the group: solvers.diag(op, alg=solvers.Hutchinson(samples, "
-                "seed=0)) or an exact diagonal of a small operator from op.to_dense()."
-            )
         if getattr(self, "_diagonal", None) is None:
             from .diagonal import operator_diagonal  # diagonal.py imports the operators
 

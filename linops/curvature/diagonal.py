@@ -9,6 +9,7 @@ import torch
 from ..diagonal import Diagonal
 from ..params import ParamSpace
 from ._data import Batches
+from ._distributed import group_sums, rank_seed, resolve_group, unwrap_ddp
 from .quantities import Engine, run
 
 __all__ = ["DiagGGN", "DiagHessian", "operator_diagonal"]
@@ -19,9 +20,15 @@ class _CurvatureDiagonal(Diagonal):
 
     _name = "D"
 
-    def __init__(self, model, loss_fn, data, params, name, mc_samples, seed, progress):
-        engine = Engine(model, loss_fn, params, mc_samples=mc_samples or 1, seed=seed)
-        values, info = run(engine, data, [name], progress, gradient=True)
+    def __init__(self, model, loss_fn, data, params, name, mc_samples, seed, progress,
+                 process_group=None):
+        group = resolve_group(process_group)
+        seed = seed if seed is None else rank_seed(seed, group)
+        engine = Engine(unwrap_ddp(model, group), loss_fn, params, mc_samples=mc_samples or 1,
+                        seed=seed)
+        sums, guard = group_sums(group, engine, type(self).__name__)
+        with guard:
+            values, info = run(engine, data, [name], progress, gradient=True, sums=sums)
         space = ParamSpace(engine.params)
         super().__init__(space.join([values[name][n] for n in space.names]))
         #: the layout of the parameters (``param_space.unflatten(D.d)`` gives a dict)
@@ -56,6 +63,9 @@ class DiagGGN(_CurvatureDiagonal):
         mc_samples: None for the exact diagonal; S ≥ 1 for the Monte-Carlo one.
         seed: the seed of the Monte-Carlo draws (None: torch's global generator).
         progress: a tqdm bar over the batches.
+        process_group: a ``torch.distributed`` process group over whose ranks the data is
+            sharded: the diagonal, loss and gradient of the union of the shards (one
+            all-reduce after the pass; rank r draws with ``seed + r·2³²``).
 
     Attributes:
         param_space, loss, gradient, output (the model output of a single batch),
@@ -73,13 +83,14 @@ class DiagGGN(_CurvatureDiagonal):
     """
 
     def __init__(self, model, loss_fn, data, *, params=None, mc_samples: int | None = None,
-                 seed: int | None = None, progress: bool = False):
+                 seed: int | None = None, progress: bool = False, process_group=None):
         if mc_samples is not None and (isinstance(mc_samples, bool) or not isinstance(
                 mc_samples, int) or mc_samples < 1):
             raise ValueError(f"mc_samples must be None (exact) or a positive integer; got "
                              f"{mc_samples!r}.")
         name = "diag_ggn_exact" if mc_samples is None else "diag_ggn_mc"
-        super().__init__(model, loss_fn, data, params, name, mc_samples, seed, progress)
+        super().__init__(model, loss_fn, data, params, name, mc_samples, seed, progress,
+                         process_group)
         self.mc_samples = mc_samples
         self._tags = frozenset({"self_adjoint", "psd"})
 
@@ -111,7 +122,8 @@ class DiagHessian(_CurvatureDiagonal):
     """
 
     def __init__(self, model, loss_fn, data, *, params=None, estimator: str | None = None,
-                 samples: int = 100, seed: int = 0, progress: bool = False):
+                 samples: int = 100, seed: int = 0, progress: bool = False,
+                 process_group=None):
         if estimator not in (None, "hutchinson"):
             raise ValueError(
                 f"estimator must be None (exact) or 'hutchinson'; got {estimator!r}. For "
@@ -119,14 +131,16 @@ class DiagHessian(_CurvatureDiagonal):
             )
         self.record = None
         if estimator is None:
-            super().__init__(model, loss_fn, data, params, "diag_h", None, None, progress)
+            super().__init__(model, loss_fn, data, params, "diag_h", None, None, progress,
+                             process_group)
             return
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
             raise ValueError(f"samples must be an integer ≥ 2 (the standard error needs two "
                              f"probes); got {samples!r}.")
         from .hessian import Hessian
 
-        H = Hessian(model, loss_fn, data, params, progress=progress)
+        H = Hessian(model, loss_fn, data, params, progress=progress,
+                    process_group=process_group)
         d, se = _hutchinson_diagonal(H, samples, seed)
         Diagonal.__init__(self, d)
         self.param_space = H.param_space
@@ -153,7 +167,7 @@ def operator_diagonal(op) -> torch.Tensor:
     from .hessian import Hessian
 
     if isinstance(op, MCFisher):
-        name, mc, seed = "diag_ggn_mc", op.mc_samples, op.seed
+        name, mc, seed = "diag_ggn_mc", op.mc_samples, rank_seed(op.seed, op._group)
     elif isinstance(op, GGN):
         name, mc, seed = "diag_ggn_exact", 1, None
     elif isinstance(op, EmpiricalFisher):
@@ -164,7 +178,9 @@ def operator_diagonal(op) -> torch.Tensor:
         raise NotImplementedError(type(op).__name__)
     engine = Engine(op.model, op.loss_fn, op.params, mc_samples=mc, seed=seed)
     data = op.data if not isinstance(op.data, Batches) else op.data
-    values, info = run(engine, _raw_batches(data), [name])
+    sums, guard = group_sums(op._group, engine, f"{type(op).__name__}.diag()")
+    with guard:
+        values, info = run(engine, _raw_batches(data), [name], sums=sums)
     d = op.param_space.join([values[name][n] for n in op.param_space.names])
     if name == "sum_grad_squared" and engine.loss_curv.reduction == "mean":
         d = d * float(info["num_terms"])  # Σ gₙ² / c from Σ (gₙ / c)²

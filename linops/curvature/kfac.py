@@ -43,6 +43,7 @@ from ..kronecker_eigen import KroneckerEigen
 from ..params import ParamSpace
 from ..properties import PSD
 from ._data import Batches
+from ._distributed import group_sums, rank_seed, resolve_group, unwrap_ddp
 from ._mlp import _Act, _activation, mlp_spec
 from .layers.conv import ConvRule
 from .layers.linear import LinearRule
@@ -138,7 +139,9 @@ class _Collector:
                 )
             self.spec = spec
 
-    def run(self, data, progress=False):
+    def run(self, data, progress=False, sums=None):
+        """``sums``: a ``_distributed.GroupSums``: every factor, count, the gradient and
+        the loss are all-reduced over its process group after the loop."""
         eng = self.engine
         factors = {p: _Factors() for p in eng.names}
         kinds = {}
@@ -194,6 +197,18 @@ class _Collector:
             with torch.no_grad():
                 value = value + eng.loss_curv.summed_loss(out.detach(), y, loss_state)
             count = count + eng.loss_curv.count(loss_state)
+        if sums is not None:  # data-parallel: one all-reduce of every sum (issue 11)
+            fs = [factors[p] for p in eng.names]
+            parts = [getattr(f, a) for f in fs for a in ("G", "A", "dense")]
+            red = sums.reduce(parts + [f.count for f in fs] + [grad[p] for p in eng.names]
+                              + [value, count])
+            for (f, a), t in zip([(f, a) for f in fs for a in ("G", "A", "dense")], red):
+                setattr(f, a, t)
+            red = red[len(parts):]
+            for f, n in zip(fs, red):
+                f.count = n
+            grad = dict(zip(eng.names, red[len(fs):len(fs) + len(eng.names)]))
+            value, count = red[-2:]
         c = float(count) if eng.loss_curv.reduction == "mean" else 1.0
         if c == 0:
             raise ValueError("Every target is ignore_index: the loss has no term.")
@@ -242,13 +257,17 @@ class _Collector:
 
 
 def kfac_factors(model, loss_fn, data, *, fisher="mc", mc_samples=1, seed=None, kfra=False,
-                 kfac_approx="backpack", params=None):
+                 kfac_approx="backpack", params=None, process_group=None):
     """BackPACK-style Kronecker factors: ``{param: [G, A]}`` for weights, ``[G]`` for
     biases, with BackPACK's scaling (see this module's table; ``kfac_approx`` picks the
     convention for weight sharing). Used by ``quantities(..., ["kfac", "kflr", "kfra"])``."""
-    col = _Collector(model, loss_fn, params, "exact" if kfra else fisher, mc_samples, seed,
-                     kfac_approx, kfra, "drop")
-    factors, info = col.run(data)
+    group = resolve_group(process_group)
+    seed = seed if seed is None else rank_seed(seed, group)
+    col = _Collector(unwrap_ddp(model, group), loss_fn, params, "exact" if kfra else fisher,
+                     mc_samples, seed, kfac_approx, kfra, "drop")
+    sums, guard = group_sums(group, col.engine, "The Kronecker factors")
+    with guard:
+        factors, info = col.run(data, sums=sums)
     out = {}
     for p, f in factors.items():
         kind = info["kinds"].get(p)
@@ -288,6 +307,9 @@ class KFAC(BlockDiag):
         kfac_approx: ``"expand"`` (default) or ``"reduce"`` for layers whose weight is shared
             over positions (sequences, convolutions), or ``"backpack"`` (BackPACK's).
         unsupported: ``"dense"`` or ``"drop"`` (see above).
+        process_group: a ``torch.distributed`` process group over whose ranks the data is
+            sharded: the factors, loss and gradient are those of the union of the shards
+            (one all-reduce after the pass; rank r draws with ``seed + r·2³²``).
 
     Attributes:
         factors: ``{param: [G, A]}`` (weights) or ``[G]`` (biases), dense tensors.
@@ -314,10 +336,15 @@ class KFAC(BlockDiag):
 
     def __init__(self, model, loss_fn, data, *, fisher: str = "mc", kfra: bool = False,
                  mc_samples: int = 1, seed: int | None = None, kfac_approx: str = "expand",
-                 params=None, unsupported: str = "dense", progress: bool = False):
-        col = _Collector(model, loss_fn, params, fisher, mc_samples, seed, kfac_approx, kfra,
-                         unsupported)
-        factors, info = col.run(data, progress)
+                 params=None, unsupported: str = "dense", progress: bool = False,
+                 process_group=None):
+        group = resolve_group(process_group)
+        seed = seed if seed is None else rank_seed(seed, group)
+        col = _Collector(unwrap_ddp(model, group), loss_fn, params, fisher, mc_samples, seed,
+                         kfac_approx, kfra, unsupported)
+        sums, guard = group_sums(group, col.engine, "KFAC")
+        with guard:
+            factors, info = col.run(data, progress, sums=sums)
         names = [p for p in col.engine.names if info["kinds"][p] != "dropped"]
         if not names:
             raise ValueError("No parameter left: every one was dropped (unsupported='drop').")
