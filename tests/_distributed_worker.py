@@ -53,6 +53,52 @@ def caught(fn):
     return "no error"
 
 
+def layerwise(rank, world, group, model, loss, local, res, errors):
+    """quantities, DiagGGN, DiagHessian, KFAC and op.diag() over the group against one
+    process on the whole data (MC draws: rank r with seed + r·2³²)."""
+    from linops.curvature import KFAC, DiagGGN, DiagHessian, quantities
+
+    X, y = data()
+    names = ["sum_grad_squared", "variance", "diag_ggn_exact", "diag_h", "grad_batch"]
+    q = quantities(model, loss, local, names, process_group=group)
+    r = quantities(model, loss, (X, y), names)
+    lo, hi = (0, SPLIT) if rank == 0 else (SPLIT, X.shape[0])
+    for n in names:
+        for p in q[n]:
+            want = r[n][p][lo:hi] if n == "grad_batch" else r[n][p]  # per-sample: this rank's
+            res[f"quantities {n} {p}"] = (q[n][p], want)
+    D, Dr = DiagGGN(model, loss, local, process_group=group), DiagGGN(model, loss, (X, y))
+    res["DiagGGN"], res["DiagGGN gradient"] = (D.d, Dr.d), (D.gradient, Dr.gradient)
+    res["DiagGGN loss"] = (D.loss, Dr.loss)
+    Dm = DiagGGN(model, loss, local, mc_samples=2, seed=5, process_group=group)
+    parts = [DiagGGN(model, nn.CrossEntropyLoss(reduction="sum"), shard(r_), mc_samples=2,
+                     seed=5 + (r_ << 32)).d for r_ in range(world)]
+    res["DiagGGN mc"] = (Dm.d, sum(parts) / X.shape[0])
+    H = DiagHessian(model, loss, local, process_group=group)
+    res["DiagHessian"] = (H.d, DiagHessian(model, loss, (X, y)).d)
+    for fisher in ("exact", "empirical"):
+        K = KFAC(model, loss, local, fisher=fisher, process_group=group)
+        Kr = KFAC(model, loss, (X, y), fisher=fisher)
+        res[f"KFAC {fisher}"] = (K.to_dense(), Kr.to_dense())
+        res[f"KFAC {fisher} gradient"] = (K.gradient, Kr.gradient)
+    kq = quantities(model, loss, local, ["kflr"], process_group=group)["kflr"]
+    kr = quantities(model, loss, (X, y), ["kflr"])["kflr"]
+    for p in kq:
+        for i, (a, b) in enumerate(zip(kq[p], kr[p])):
+            res[f"quantities kflr {p} factor {i}"] = (a, b)
+    for cls in (GGN, Hessian, EmpiricalFisher):
+        op = cls(model, loss, local, process_group=group)
+        res[f"{cls.__name__}.diag()"] = (op.diag(), cls(model, loss, (X, y)).diag())
+    op = MCFisher(model, loss, local, mc_samples=2, seed=3, process_group=group)
+    res["MCFisher.diag() equals its own to_dense diagonal"] = (op.diag(),
+                                                             torch.diagonal(op.to_dense()))
+    bad = local if rank == 0 else [(torch.randn(5, N_FEATURES + 1), y[:5])]
+    errors["a rank fails in quantities"] = caught(
+        lambda: quantities(model, loss, bad, ["diag_ggn_exact"], process_group=group))
+    errors["a rank fails in KFAC"] = caught(
+        lambda: KFAC(model, loss, bad, fisher="exact", process_group=group))
+
+
 def main(rank: int, world: int, port: int, out: str) -> None:
     t0 = time.perf_counter()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -139,6 +185,7 @@ def main(rank: int, world: int, port: int, out: str) -> None:
         torch.cat([p.detach().reshape(-1) for p in m_one.parameters()]))
 
     print(f"rank {rank}: solvers {time.perf_counter() - t0:.1f} s", flush=True)
+    layerwise(rank, world, group, model, loss, local, res, errors)
     # misuse: every rank raises, none hangs
     torch.manual_seed(100 + rank)  # torch's global generator differs across ranks
     errors["Lanczos seeded from the global generator"] = caught(

@@ -22,6 +22,8 @@ parameters' device).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -30,6 +32,8 @@ __all__ = [
     "unwrap_ddp",
     "rank_seed",
     "Collective",
+    "GroupSums",
+    "group_sums",
 ]
 
 _MAX_DIMS = 6  # non-batch dimensions of X and y compared across ranks
@@ -94,6 +98,15 @@ def rank_seed(seed: int, group) -> int:
     import torch.distributed as dist
 
     return (seed + (dist.get_rank(group) << 32)) % (1 << 63)
+
+
+def group_sums(group, engine, what: str):
+    """A ``GroupSums`` for a pass of the layer-wise ``engine`` over ``group`` (None for one
+    process), and the context to run the pass in."""
+    if group is None:
+        return None, contextlib.nullcontext()
+    sums = GroupSums(group, engine.dtype, engine.device, what)
+    return sums, sums.guard()
 
 
 def _message(err: BaseException) -> str:
@@ -274,3 +287,81 @@ class Collective:
             return [float(t.ndim)] + [float(d) for d in rest] + [-1.0] * (_MAX_DIMS - len(rest))
 
         return torch.tensor(head + dims(X) + dims(y), dtype=torch.float64)
+
+
+class GroupSums:
+    """Sums the accumulators of one pass over the data over a process group, for the
+    layer-wise engine (``quantities``, ``DiagGGN``, ``KFAC``): the pass runs inside
+    ``with sums.guard():`` and calls ``sums.reduce(tensors)`` once, after its loop.
+
+    ``reduce`` costs two all-reduces per pass: a ``MAX`` of P + 2 numbers (the per-rank
+    failure flags and the buffer's size, which must agree), then the ``SUM`` of the
+    tensors flattened into one buffer. A rank whose pass raises before ``reduce`` joins
+    the first one with its flag set from ``guard``, so every rank raises (see
+    ``Collective``) instead of waiting.
+    """
+
+    def __init__(self, group, dtype: torch.dtype, device: torch.device, what: str):
+        self.collective = Collective(group, dtype, device)
+        self.what = what
+        self._done = False
+
+    def _agree(self, size: int, err: BaseException | None) -> None:
+        import torch.distributed as dist
+
+        c = self.collective
+        buf = torch.zeros(c.size + 2, dtype=torch.float64, device=c.device)
+        if err is not None:
+            buf[c.rank] = 1.0
+        buf[c.size], buf[c.size + 1] = float(size), -float(size)
+        dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=c.group)
+        buf = buf.cpu()
+        c._raise_failed(buf[:c.size], err, self.what)
+        if float(buf[c.size]) != -float(buf[c.size + 1]):
+            raise ValueError(
+                f"{self.what}: the ranks accumulated different quantities ({int(-buf[c.size + 1])} "
+                f"to {int(buf[c.size])} numbers): the ranks must hold the same model and "
+                "parameters and ask for the same names."
+            )
+
+    def reduce(self, tensors: list) -> list:
+        """The sums over the ranks of ``tensors`` (tensors, Python numbers or None, which
+        stays None), in the same shapes."""
+        import torch.distributed as dist
+
+        c = self.collective
+        flat = [torch.as_tensor(t, dtype=c.work, device=c.device).reshape(-1)
+                for t in tensors if t is not None]
+        buf = torch.cat(flat) if flat else torch.zeros(0, dtype=c.work, device=c.device)
+        self._done = True  # this rank joins the agreement here: the guard must not again
+        self._agree(buf.numel(), None)
+        dist.all_reduce(buf, group=c.group)
+        out, i = [], 0
+        for t in tensors:
+            if t is None:
+                out.append(None)
+                continue
+            shape = torch.as_tensor(t).shape
+            m = int(torch.as_tensor(t).numel())
+            piece = buf[i:i + m].reshape(shape)
+            i += m
+            if isinstance(t, torch.Tensor):
+                exact = t.dtype.is_floating_point or t.dtype.is_complex
+                out.append(piece.to(t.dtype) if exact else piece.round().to(t.dtype))
+            else:
+                out.append(piece.item() if isinstance(t, float) else int(round(piece.item())))
+        return out
+
+    def guard(self):
+        sums = self
+
+        class _Guard:
+            def __enter__(self):
+                return sums
+
+            def __exit__(self, kind, err, tb):
+                if err is not None and not sums._done and isinstance(err, Exception):
+                    sums._agree(0, err)  # raises err here, a RuntimeError elsewhere
+                return False
+
+        return _Guard()
