@@ -54,7 +54,7 @@ from ..operator import LinearOperator
 from ._base import CurvatureOperator
 from ._data import require_terms
 from ._mlp import _activation
-from ._records import param_owners, record_forward
+from ._records import param_owners
 from .quantities import Engine, _num_samples, _Plan
 
 __all__ = ["BlockDiagCurvature", "block_product_callables", "CURVATURES", "BLOCKINGS"]
@@ -156,14 +156,8 @@ class _BlockEngine(CurvatureOperator):
         else:
             eng = self._engine
             tensors = {**eng.tensors, **{n: self.params[n].detach() for n in names}}
-            rec = record_forward(self.model, tensors, eng.names, X, eng.owners,
-                                 activations=True)
+            rec = eng.record(X, activations=True, tensors=tensors)
             out = rec.output
-            if out.dtype != self.dtype:
-                raise ValueError(
-                    f"The model output has dtype {out.dtype} but the parameters have "
-                    f"{self.dtype}; make them agree (model.to(dtype), inputs of that dtype)."
-                )
             plan = _Plan(eng, rec, _num_samples(X, out))
             leaves = [rec.leaves[n] for n in names]
             try:

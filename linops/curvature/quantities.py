@@ -154,20 +154,26 @@ class Engine:
         return torch.Generator(device=self.device).manual_seed(self.seed)
 
     # ------------------------------------------------------------------ one batch
+    def record(self, X, activations: bool = False, tensors=None):
+        """The recorded forward pass of one batch (``_records.record_forward``) at the
+        engine's parameters (or at ``tensors``), its output's dtype checked."""
+        rec = record_forward(self.model, self.tensors if tensors is None else tensors,
+                             self.names, X, self.owners, activations=activations)
+        if rec.output.dtype != self.dtype:
+            raise ValueError(
+                f"The model output has dtype {rec.output.dtype} but the parameters have "
+                f"{self.dtype}; make them agree (model.to(dtype), inputs of that dtype)."
+            )
+        return rec
+
     def prepare(self, X, y, sets: set, generator, activations: bool = False,
                 grad: bool = True):
         """One batch's forward pass with records and the cotangent column sets (``"grad"``
         always, ``"exact"``: the loss Hessian's square root, ``"mc"``: sampled) back-
         propagated to every recorded layer in one batched pass. Returns ``(plan,
         loss_state, output, N)``."""
-        rec = record_forward(self.model, self.tensors, self.names, X, self.owners,
-                             activations=activations)
+        rec = self.record(X, activations)
         out = rec.output
-        if out.dtype != self.dtype:
-            raise ValueError(
-                f"The model output has dtype {out.dtype} but the parameters have "
-                f"{self.dtype}; make them agree (model.to(dtype), inputs of that dtype)."
-            )
         N = _num_samples(X, out)
         loss_state = self.loss_curv.prepare(out, y)
         plan = _Plan(self, rec, N)
