@@ -21,7 +21,6 @@ import linops
 import solvers
 from linops.curvature import GGN, EmpiricalFisher, Hessian, MCFisher
 
-torch.set_default_dtype(torch.float64)
 N_FEATURES, N_CLASSES = 3, 3
 SPLIT = 8  # rank 0 holds samples [0, 8) in two batches, rank 1 the 5 others in one
 
@@ -217,6 +216,9 @@ def main(rank: int, world: int, port: int, out: str) -> None:
 
 
 if __name__ == "__main__":
+    # float64 for every check; set here, not at import (pytest's doctest collection imports
+    # this module and would change the default dtype of the whole test worker)
+    torch.set_default_dtype(torch.float64)
     rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     faulthandler.dump_traceback_later(float(sys.argv[5]), exit=True)  # a hang shows where
     try:
