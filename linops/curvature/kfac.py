@@ -149,9 +149,10 @@ class _Collector:
         gen = eng.new_generator()
         key = _FISHER[self.fisher]
         sets = set() if key == "grad" else {key}
-        value, count, grad = 0.0, 0, None
+        value, count, grad, output = 0.0, 0, None, None
         for X, y in batches:
             plan, loss_state, out, N = eng.prepare(X, y, sets, gen)
+            output = out.detach() if batches.single else None
             pieces = {p: [] for p in eng.names}
             for p in eng.names:
                 uses = plan.uses[p] if p not in plan.fallback else []
@@ -220,7 +221,7 @@ class _Collector:
                 f.A = f.A / f.count
         info = {"loss": (value / c).detach().reshape(()),
                 "gradient": {p: t / c for p, t in grad.items()}, "kinds": kinds,
-                "num_terms": count}
+                "num_terms": count, "output": output}
         return factors, info
 
     def _kfra_batch(self, X, plan, loss_state, factors):
@@ -313,7 +314,8 @@ class KFAC(BlockDiag):
 
     Attributes:
         factors: ``{param: [G, A]}`` (weights) or ``[G]`` (biases), dense tensors.
-        param_space, loss, gradient (flat, over ``param_space``), info.
+        param_space, loss, gradient (flat, over ``param_space``), output (of a single
+        batch), info.
 
     Cost: one forward and one backward pass of M + 1 cotangent columns per batch, and per
     layer two GEMMs for the factors. A product with the inverse of the damped operator
@@ -360,6 +362,8 @@ class KFAC(BlockDiag):
         self.loss = info["loss"]
         self.gradient = self.param_space.join([info["gradient"][p] for p in names]).detach()
         self.num_terms = info["num_terms"]
+        #: the model output of a single batch (None over several), detached
+        self.output = info["output"]
         self._label = "KFRA" if kfra else fisher
 
     def _block(self, p, kind):

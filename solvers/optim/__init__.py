@@ -9,10 +9,13 @@ statistics.
 - ``CGNewton``: ``((1 − α) C + α I) d = −g`` by CG on parameter, layer or full blocks of
   the GGN or the Hessian (bpexts' CGNewton; Hessian-free with ``blocks="full"``).
 - ``DiagGGN``: ``p ← p − lr · g / (diag(GGN) + damping)`` (BackPACK's example).
+- ``KFAC``: ``p ← p − lr · (K + λI)⁻¹ g`` with K-FAC factors refreshed every
+  ``update_every`` steps and the inverse cached in between.
 """
 
 from .cg_newton import CGNewton
 from .diag_ggn import DiagGGN
 from .gauss_newton import GaussNewton
+from .kfac import KFAC
 
-__all__ = ["GaussNewton", "CGNewton", "DiagGGN"]
+__all__ = ["GaussNewton", "CGNewton", "DiagGGN", "KFAC"]
