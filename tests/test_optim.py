@@ -375,12 +375,36 @@ def test_cg_newton_alpha_outside_unit_interval(alpha):
         CGNewton(model, loss_fn, alpha=alpha)
 
 
+@pytest.mark.parametrize("variant", ["pch-abs", "pch-clip", "kflr", "kfra"])
+def test_cg_newton_pch_and_kronecker_blocks_match_reference(variant):
+    from linops.curvature import KFAC, BlockDiagCurvature
+
+    model, loss_fn, X, y = _problem(seed=3)
+    ref = _dense(model, loss_fn, X, y)
+    if variant.startswith("pch"):
+        C = BlockDiagCurvature(model, loss_fn, (X, y), curvature=variant).to_dense()
+        kwargs = {"curvature": variant}
+    else:
+        C = KFAC(model, loss_fn, (X, y), fisher="exact", kfra=variant == "kfra").to_dense()
+        kwargs = {"approximation": variant}
+    alpha, lr = 0.05, 0.3
+    expected = ref["flat"].clone()
+    for idx in _slices(ref, BLOCKS["parameter"]):
+        A = (1 - alpha) * C[idx][:, idx] + alpha * torch.eye(len(idx), dtype=DT)
+        expected[idx] += lr * torch.linalg.solve(A, -ref["g"][idx])
+    opt = CGNewton(model, loss_fn, lr=lr, alpha=alpha, cg_tol=1e-13, cg_maxiter=500, **kwargs)
+    value, outputs = opt.step((X, y))
+    torch.testing.assert_close(_flat(model), expected, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(value, ref["loss"])
+    torch.testing.assert_close(outputs, ref["out"])
+
+
 def test_cg_newton_options_not_available_yet():
     model, loss_fn, _, _ = _problem()
-    for kwargs in ({"curvature": "pch-abs"}, {"curvature": "pch-clip"},
-                   {"approximation": "kfra"}, {"approximation": "kflr"}):
-        with pytest.raises(ValueError, match="not available yet.*issue 8.*curvature='ggn'"):
-            CGNewton(model, loss_fn, **kwargs)
+    with pytest.raises(ValueError, match="block-diagonal by definition.*blocks='parameter'"):
+        CGNewton(model, loss_fn, curvature="pch-abs", blocks="full")
+    with pytest.raises(ValueError, match="factorizes the GGN.*curvature='ggn'"):
+        CGNewton(model, loss_fn, curvature="hessian", approximation="kflr")
     with pytest.raises(ValueError, match="blocks must be one of"):
         CGNewton(model, loss_fn, blocks="kron")
     with pytest.raises(ValueError, match="blocks='full'"):

@@ -23,11 +23,6 @@ __all__ = ["CGNewton"]
 CURVATURES = ("ggn", "hessian", "pch-abs", "pch-clip")
 BLOCKS = ("parameter", "layer", "full")
 APPROXIMATIONS = ("exact", "kfra", "kflr")
-_NOT_YET = (
-    "needs the Kronecker / block-diagonal curvature operators (issue 8), which linops does "
-    "not have yet. Use curvature='ggn' (PSD, the default) or curvature='hessian' with "
-    "approximation='exact'."
-)
 
 
 class CGNewton(CurvatureOptimizer):
@@ -50,10 +45,12 @@ class CGNewton(CurvatureOptimizer):
     to block ``j`` afterwards), so one CG iteration costs one curvature product with (at
     most) ``m`` columns, not ``m`` products; the columns of blocks whose CG has stopped drop
     out of the product. ``g`` and the model's outputs come from the operator's own
-    forward pass. (The tutorial's HBP layers use batch-averaged Kronecker approximations of
-    the blocks; ``approximation="kfra"``/``"kflr"`` and the positive-curvature Hessians
-    ``"pch-abs"``/``"pch-clip"`` need the Kronecker operators of issue 8 and raise until
-    then.)
+    forward pass. The positive-curvature Hessians ``"pch-abs"``/``"pch-clip"`` (BDA-PCH:
+    the activations' second-order terms taken in absolute value or clipped at zero, so
+    every block is PSD) come from ``linops.curvature.BlockDiagCurvature`` (blocks
+    ``"parameter"`` or ``"layer"``); ``approximation="kflr"``/``"kfra"`` replace the exact GGN
+    by its Kronecker factorization ``linops.curvature.KFAC(fisher="exact", kfra=...)`` (the
+    tutorial's HBP layers use such batch-averaged approximations).
 
     Stopping rule, per block: ``‖b − A d‖ ≤ cg_tol·‖b‖ + cg_atol`` with ``b = −g`` restricted
     to the block, or ``cg_maxiter`` iterations. A block whose CG stops otherwise is reported:
@@ -72,9 +69,9 @@ class CGNewton(CurvatureOptimizer):
         cg_tol, cg_atol: CG's relative and absolute tolerances (≥ 0). Per group (as alpha).
         cg_maxiter: at most this many CG iterations per step (None: 10 × the number of
             parameters).
-        curvature: ``"ggn"`` or ``"hessian"`` (``"pch-abs"``, ``"pch-clip"``: issue 8).
+        curvature: ``"ggn"``, ``"hessian"``, ``"pch-abs"`` or ``"pch-clip"``.
         blocks: ``"parameter"``, ``"layer"`` or ``"full"``.
-        approximation: ``"exact"`` (``"kfra"``, ``"kflr"``: issue 8).
+        approximation: ``"exact"``, ``"kflr"`` or ``"kfra"`` (with ``curvature="ggn"``).
         adapt_damping: with ``blocks="full"``, adapt ``α`` after each step by
             Levenberg-Marquardt's rule on ``λ = α / (1 − α)``: with the reduction ratio
             ``ρ = (L(θ + δ) − L(θ)) / (gᵀδ + ½ δᵀ C δ)`` of the step ``δ``, ``λ ← 3λ/2`` if
@@ -124,12 +121,13 @@ class CGNewton(CurvatureOptimizer):
                                      ("approximation", approximation, APPROXIMATIONS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}; got {value!r}.")
-        if curvature in ("pch-abs", "pch-clip"):
-            raise ValueError(f"curvature={curvature!r} (the positive-curvature Hessian of "
-                             f"BDA-PCH) is not available yet: it {_NOT_YET}")
-        if approximation != "exact":
-            raise ValueError(f"approximation={approximation!r} (Kronecker-factored blocks) is "
-                             f"not available yet: it {_NOT_YET}")
+        if curvature in ("pch-abs", "pch-clip") and blocks == "full":
+            raise ValueError(f"curvature={curvature!r} is block-diagonal by definition (the "
+                             "positive-curvature Hessian of each block): use "
+                             "blocks='parameter' or 'layer'.")
+        if approximation != "exact" and curvature != "ggn":
+            raise ValueError(f"approximation={approximation!r} factorizes the GGN: use it "
+                             f"with curvature='ggn' (got {curvature!r}).")
         if not isinstance(adapt_damping, bool):
             raise TypeError(f"adapt_damping must be True or False; got {adapt_damping!r}.")
         if adapt_damping and blocks != "full":
@@ -177,12 +175,25 @@ class CGNewton(CurvatureOptimizer):
         return out
 
     # ------------------------------------------------------------------ the step
+    def _curvature(self, X, y, named):
+        """The curvature operator of the batch, in ``named``'s flat layout."""
+        cv = linops.curvature
+        if self.approximation != "exact":
+            return cv.KFAC(self.model, self.loss_fn, (X, y), fisher="exact",
+                           kfra=self.approximation == "kfra", params=named)
+        if self.curvature in ("pch-abs", "pch-clip"):
+            return cv.BlockDiagCurvature(self.model, self.loss_fn, (X, y),
+                                         curvature=self.curvature,
+                                         blocks="layer" if self.blocks == "layer"
+                                         else "parameter", params=named)
+        kind = cv.GGN if self.curvature == "ggn" else cv.Hessian
+        return kind(self.model, self.loss_fn, (X, y), params=named,
+                    allow_train_mode=self.allow_train_mode)
+
     def _update(self, chosen, batch):
         X, y = batch
         named = {n: p for n, p, _ in chosen}
-        kind = linops.curvature.GGN if self.curvature == "ggn" else linops.curvature.Hessian
-        C = kind(self.model, self.loss_fn, (X, y), params=named,
-                 allow_train_mode=self.allow_train_mode)
+        C = self._curvature(X, y, named)
         loss, g = C.loss, C.gradient
         outputs, extra = self._outputs(C, X)
         blocks = self._block_list(chosen)
