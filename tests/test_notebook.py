@@ -45,7 +45,7 @@ def test_notebook_runs(path, monkeypatch):
     if path.name == "cg_newton.ipynb":
         assert "data: " in text and "held-out accuracy" in text
         assert "CGNewton, GGN" in text and "CGNewton, Hessian" in text and "SGD" in text
-        assert "not available yet" in text  # pch-abs says it comes with issue 8
+        assert "CGNewton, PCH (abs)" in text
     if path.name == "diag_ggn_optimizer.ipynb":
         assert "DiagGGN (MC): at iteration" in text and "SGD: at iteration" in text
         assert "data used here:" in text
