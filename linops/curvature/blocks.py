@@ -53,9 +53,8 @@ from ..blockdiag import BlockDiag
 from ..operator import LinearOperator
 from ._base import CurvatureOperator
 from ._data import require_terms
-from ._mlp import _activation
 from ._records import param_owners
-from .quantities import Engine, _num_samples, _Plan
+from .quantities import Engine, _num_samples, _Plan, activation_residual
 
 __all__ = ["BlockDiagCurvature", "block_product_callables", "CURVATURES", "BLOCKINGS"]
 
@@ -190,13 +189,11 @@ class _BlockEngine(CurvatureOperator):
         g_z = backprop(out, [a.output for a in live], r, self.vectorize)
         hs, Rs = [], []
         for a, g in zip(live, g_z):
-            if g is None:
+            R = None if g is None else activation_residual(a, g[0])
+            if R is None:
                 continue
             h = a.args[0]
-            d2 = _activation(a.module, h.detach(), 2)[2]
-            if d2 is None:
-                continue
-            R = (g[0] * d2).detach()
+            R = R.detach()
             if self.curvature == "pch-abs":
                 R = R.abs()
             elif self.curvature == "pch-clip":

@@ -490,13 +490,11 @@ class _Plan:
         grads = self.act_cots["grad"]
         layer_outputs = [r.output for r in self.rec.layers]
         for a, g_z in zip(self.rec.activations, grads):
-            if g_z is None:
+            R = None if g_z is None else activation_residual(a, g_z[0])
+            if R is None:
                 continue
             h = a.args[0]
-            d2 = _activation(a.module, h.detach(), 2)[2]
-            if d2 is None:
-                continue
-            R = (g_z[0] * d2).reshape(self.N, -1)  # (N, U)
+            R = R.reshape(self.N, -1)  # (N, U)
             U = R.shape[1]
             step = max(1, min(U, ENTRY_BUDGET // max(1, self.N * U)))
             for u0 in range(0, U, step):
@@ -584,6 +582,13 @@ def _check_no_self_product(output, leaves, names):
                     )
                 seen |= d
         deps[node] = own.union(*sets)
+
+
+def activation_residual(a, g_z):
+    """``R = g_z ⊙ σ''(h)``: the second-order term of an elementwise activation record ``a``
+    (input h, output gradient ``g_z``), or None where σ'' is zero (ReLU, ...)."""
+    d2 = _activation(a.module, a.args[0].detach(), 2)[2]
+    return None if d2 is None else g_z * d2
 
 
 def _square_sum(g, w, batch):
