@@ -7,6 +7,9 @@ Matrices are built on the CPU in float64 from their own seeded generator, so the
 depend on (nor advance) torch's global random state.
 """
 
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -98,3 +101,22 @@ def strict(op):
     out = object.__new__(cls)
     out.__dict__.update(op.__dict__)
     return out
+
+
+# ------------------------------------------------------------------ the peers' environment
+REPO = Path(__file__).resolve().parents[1]
+#: the Python of benchmarks/.envs/peers (BackPACK, curvlinops), made by setup_peers.sh
+PEERS_PYTHON = REPO / "benchmarks" / ".envs" / "peers" / "bin" / "python"
+
+
+def backpack_missing() -> str | None:
+    """Why BackPACK cannot run here (a skip reason), or None when its environment works."""
+    if not PEERS_PYTHON.exists():
+        return (f"BackPACK's environment {PEERS_PYTHON.relative_to(REPO)} is not present "
+                "(make it with: bash benchmarks/setup_peers.sh peers)")
+    probe = subprocess.run([str(PEERS_PYTHON), "-c", "import backpack"], capture_output=True,
+                           text=True, timeout=120)
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+        return f"{PEERS_PYTHON.relative_to(REPO)} cannot import backpack ({last})"
+    return None

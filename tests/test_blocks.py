@@ -12,11 +12,10 @@ environment (``benchmarks/.envs/peers``) exists.
 
 import subprocess
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-from _helpers import DEVICE_PARAMS
+from _helpers import DEVICE_PARAMS, PEERS_PYTHON, backpack_missing
 from torch import nn
 
 from linops import is_psd, is_self_adjoint
@@ -28,8 +27,6 @@ from linops.curvature.blocks import (
 )
 
 F64 = torch.float64
-REPO = Path(__file__).resolve().parents[1]
-PEERS_PYTHON = REPO / "benchmarks" / ".envs" / "peers" / "bin" / "python"
 
 
 def _net():
@@ -475,23 +472,12 @@ _BACKPACK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _backpack_missing():
-    if not PEERS_PYTHON.exists():
-        return (f"BackPACK's environment {PEERS_PYTHON.relative_to(REPO)} is not present "
-                "(make it with: bash benchmarks/setup_peers.sh peers)")
-    probe = subprocess.run([str(PEERS_PYTHON), "-c", "import backpack"], capture_output=True,
-                           text=True, timeout=120)
-    if probe.returncode != 0:
-        return f"{PEERS_PYTHON.relative_to(REPO)} cannot import backpack"
-    return None
-
-
 @pytest.fixture(scope="module")
 def backpack_run(tmp_path_factory):
     """BackPACK's HMP, GGNMP and PCHMP (abs, clip) in one subprocess of its environment,
     on the issue's Sequential(Flatten(), Linear(784, 10)) (3 random V) and on a
     Linear-Sigmoid-Linear-Tanh-Linear MLP 6 → 5 → 4 → 3 (V = the identity: whole blocks)."""
-    reason = _backpack_missing()
+    reason = backpack_missing()
     if reason is not None:
         pytest.skip(reason)
     tmp = tmp_path_factory.mktemp("backpack")

@@ -31,11 +31,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import PEERS_PYTHON, REPO, backpack_missing
 
 from linops.curvature import quantities
 
-REPO = Path(__file__).resolve().parents[1]
-PEERS_PYTHON = REPO / "benchmarks" / ".envs" / "peers" / "bin" / "python"
 SCRIPT = REPO / "benchmarks" / "peers" / "backpack_quantities.py"
 BATCH = {"cnn": 4, "linear": 8}
 MC_SAMPLES = 3
@@ -53,21 +52,9 @@ def _load_script():
 BQ = _load_script()
 
 
-def _backpack_missing() -> str | None:
-    if not PEERS_PYTHON.exists():
-        return (f"BackPACK's environment {PEERS_PYTHON.relative_to(REPO)} is not present "
-                "(make it with: bash benchmarks/setup_peers.sh peers)")
-    probe = subprocess.run([str(PEERS_PYTHON), "-c", "import backpack"], capture_output=True,
-                           text=True, timeout=120)
-    if probe.returncode != 0:
-        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
-        return f"{PEERS_PYTHON.relative_to(REPO)} cannot import backpack ({last})"
-    return None
-
-
 def _start_backpack(problem: str, tmp_path: Path):
     """Start BackPACK's process (it runs while ours computes); ``(process, cmd, file)``."""
-    reason = _backpack_missing()
+    reason = backpack_missing()
     if reason is not None:
         pytest.skip(reason)
     out = tmp_path / f"backpack_{problem}.pt"
