@@ -62,6 +62,7 @@ import os
 import torch
 from torch import nn
 
+from . import _memory
 from ._data import Batches, check_eval_mode, progress_bar, require_tqdm, resolve_params
 from ._distributed import group_sums, rank_seed, resolve_group, unwrap_ddp
 from ._mlp import _activation
@@ -409,15 +410,14 @@ class _Plan:
                 parts = {}
                 for sl in self._chunks(key, self._record_numel(r)):
                     for loc, g in rule.per_sample(r, c[sl]).items():
-                        parts.setdefault(loc, []).append(
-                            (g * g).reshape(g.shape[0], g.shape[1], -1).sum(-1))
+                        parts.setdefault(loc, []).append(_sq_norms(g))
                 return {loc: torch.cat(v) for loc, v in parts.items()}
 
             return self._memo(r, ("sq_norm", key), compute)[local]
         parts = []
         for sl in self._chunks(key, self.engine.params[p].numel()):
             g = self.per_sample(key, p, sl)
-            parts.append((g * g).reshape(g.shape[0], g.shape[1], -1).sum(-1))
+            parts.append(_sq_norms(g))
         return torch.cat(parts)
 
     def _whole_model(self, cot) -> dict:
@@ -591,12 +591,22 @@ def activation_residual(a, g_z):
     return None if d2 is None else g_z * d2
 
 
+def _sq_norms(g):
+    """``(M, N)``: the squared norm of each per-sample gradient in ``g`` (M, N, ...)."""
+    return torch.linalg.vector_norm(g, dim=tuple(range(2, g.ndim))).square_()
+
+
 def _square_sum(g, w, batch):
     """Σₘ (Σₙ) w g² of per-sample gradients ``g`` (M, N, ...), weights ``w`` (M, N)."""
-    g2 = g * g
-    if w is not None:
-        g2 = g2 * w.reshape(*w.shape, *([1] * (g.ndim - 2)))
-    return g2.sum(0) if batch else g2.sum((0, 1))
+    if w is None and not batch:  # one fused reduction, no squared copy (3× faster on CPU)
+        return torch.linalg.vector_norm(g, dim=(0, 1)).square_()
+    # Σₘ by accumulating column by column: no (M, N, ...) temporary, and no reduction over
+    # a middle dimension (PyTorch's CPU reductions are slow there)
+    out = torch.zeros_like(g[0], memory_format=torch.contiguous_format)
+    for m in range(g.shape[0]):
+        gm = g[m]
+        out.addcmul_(gm if w is None else gm * w[m].reshape(-1, *([1] * (g.ndim - 2))), gm)
+    return out if batch else out.sum(0)
 
 
 def _leaf_edges(output, leaves: dict) -> dict:
@@ -734,7 +744,7 @@ def run(engine: Engine, data, names, progress: bool = False, gradient: bool = Fa
     for name in names:
         if name in PER_SAMPLE:
             dim = _SAMPLE_DIM.get(name, 0)
-            out[name] = {p: ts[0] if len(ts) == 1 else torch.cat(ts, dim=dim)
+            out[name] = {p: ts[0] if len(ts) == 1 else _cat(ts, dim)
                          for p, ts in per_sample[name].items()}
         else:
             out[name] = acc[name]
@@ -759,6 +769,13 @@ def run(engine: Engine, data, names, progress: bool = False, gradient: bool = Fa
             "gradient": None if grad is None else {p: t / c for p, t in grad.items()},
             "output": output, "num_samples": N_total, "num_terms": count}
     return out, info
+
+
+def _cat(ts, dim):
+    """``torch.cat`` into a buffer of ``_memory.empty`` (huge pages for large results)."""
+    shape = list(ts[0].shape)
+    shape[dim] = sum(t.shape[dim] for t in ts)
+    return torch.cat(ts, dim=dim, out=_memory.empty(shape, ts[0].dtype, ts[0].device))
 
 
 def quantities(model, loss_fn, data, names, *, params=None, mc_samples: int = 1, seed=None,

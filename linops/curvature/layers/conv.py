@@ -16,26 +16,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _memory
 from . import linear
 from ._base import LayerRule, register
 
 __all__ = ["ConvRule"]
 
-
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+#: up to this many cotangent columns, summed gradients use the convolution's backward kernel
+_KERNEL_COLUMNS = 4
 
 
 def _unfold(m, x, groups):
     """The input patches ``(N, G, C_in/G · kernel, L)`` (the layout of ``F.unfold``, in 1,
-    2 or 3 dimensions), computed as a convolution with a one-hot kernel (several times
-    faster on CPU than ``im2col``)."""
-    k = m.kernel_size
+    2 or 3 dimensions): zero padding, then a strided view per spatial dimension
+    (``Tensor.unfold``; dilation by slicing the window), copied once into the layout.
+    Several times faster on CPU than ``F.unfold`` or a one-hot-kernel convolution."""
+    k, d = m.kernel_size, len(m.kernel_size)
     N, C = x.shape[0], x.shape[1]
-    kk = math.prod(k)
-    eye = torch.eye(kk, dtype=x.dtype, device=x.device).reshape(kk, 1, *k)
-    U = _CONV[len(k)](x, eye.repeat(C, *([1] * (len(k) + 1))), stride=m.stride,
-                      padding=m.padding, dilation=m.dilation, groups=C)
-    return U.reshape(N, groups, (C // groups) * kk, -1)
+    pad = [p for p in reversed(m.padding) for _ in range(2)]
+    if any(pad):
+        x = F.pad(x, pad)
+    for i in range(d):
+        dil = m.dilation[i]
+        x = x.unfold(2 + i, dil * (k[i] - 1) + 1, m.stride[i])
+        if dil > 1:
+            x = x[..., ::dil]
+    # (N, C, L₁..L_d, k₁..k_d) → (N, C, k₁..k_d, L₁..L_d)
+    x = x.permute(0, 1, *range(2 + d, 2 + 2 * d), *range(2, 2 + d))
+    return x.reshape(N, groups, (C // groups) * math.prod(k), -1)
 
 
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -70,12 +78,36 @@ class ConvRule(LayerRule):
 
     def per_sample(self, rec, cot):
         U, g = self._ug(rec, cot)
-        d = {"weight": torch.einsum("mngol,ngil->mngoi", g, U)}
+        M, N, G, O, L = g.shape
+        I = U.shape[2]
+        Ub = U.reshape(N * G, I, L)
+        if M > 1 and L > I:  # the cotangents outweigh the result: one GEMM per column
+            w = _memory.empty((M, N, G, O, I), torch.result_type(g, U), g.device)
+            for m in range(M):
+                torch.bmm(g[m].reshape(N * G, O, L), Ub.mT, out=w[m].view(N * G, O, I))
+        else:  # one GEMM per sample over all columns (the result outweighs the cotangents)
+            w = linear.batched_outer(g.permute(1, 2, 0, 3, 4).reshape(N * G, M * O, L),
+                                     Ub).view(N, G, M, O, I).permute(2, 0, 1, 3, 4)
+        d = {"weight": w}
         if "bias" in rec.params:
             d["bias"] = g.sum(-1)
         return self._shape(rec, d, cot.shape[:2])
 
     def summed(self, rec, cot):
+        m = rec.module
+        if cot.shape[0] <= _KERNEL_COLUMNS:
+            # Σ over samples and positions by the convolution's own weight-gradient kernel,
+            # one call per column (faster than the unfolded GEMM for few columns)
+            d = {}
+            if "weight" in rec.params:
+                x, w = rec.input, m.weight.detach()
+                d["weight"] = torch.stack([torch.ops.aten.convolution_backward(
+                    c, x, w, None, m.stride, m.padding, m.dilation, False,
+                    [0] * len(m.kernel_size), m.groups, [False, True, False])[1]
+                    for c in cot])
+            if "bias" in rec.params:
+                d["bias"] = cot.sum((1, *range(3, cot.ndim)))
+            return d
         U, g = self._ug(rec, cot)
         M, N, G, O, L = g.shape
         # Σ over samples and positions as one batched GEMM per group
@@ -85,6 +117,23 @@ class ConvRule(LayerRule):
         if "bias" in rec.params:
             d["bias"] = g.sum((1, -1))
         return self._shape(rec, d, cot.shape[:1])
+
+    def sum_sq(self, rec, cot, w):
+        return self._sum_sq(rec, cot, w, False)
+
+    def sum_sq_batch(self, rec, cot, w):
+        return self._sum_sq(rec, cot, w, True)
+
+    def _sum_sq(self, rec, cot, w, batch):
+        U, g = self._ug(rec, cot)
+        M, N, G, O, L = g.shape
+        d = {}
+        if "weight" in rec.params:  # each group's block on its own
+            parts = [linear.sum_sq_chunked(U[:, i], g[:, :, i], w, batch) for i in range(G)]
+            d["weight"] = parts[0] if G == 1 else torch.stack(parts, dim=1 if batch else 0)
+        if "bias" in rec.params:
+            d["bias"] = linear.bias_sum_sq(g.sum(-1), w, batch)
+        return self._shape(rec, d, (N,) if batch else ())
 
     def sq_norm(self, rec, cot):
         U, g = self._ug(rec, cot)
