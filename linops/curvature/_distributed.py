@@ -31,6 +31,9 @@ __all__ = [
     "resolve_group",
     "unwrap_ddp",
     "rank_seed",
+    "operator_group",
+    "shared_seed",
+    "on_every_rank",
     "Collective",
     "GroupSums",
     "group_sums",
@@ -100,6 +103,65 @@ def rank_seed(seed: int, group) -> int:
     return (seed + (dist.get_rank(group) << 32)) % (1 << 63)
 
 
+def operator_group(A):
+    """The process group of the first data-parallel operator in the expression tree of the
+    operator ``A`` (``G + λ·I``, ``PSD(G)``, a block of a ``BlockDiagCurvature``, ...), or
+    None when no part of it was built with ``process_group=``. Walks the operators' own
+    attributes (operators and tuples or lists of operators); costs no communication."""
+    from ..operator import LinearOperator
+
+    todo, seen = [A], set()
+    while todo:
+        op = todo.pop()
+        if id(op) in seen:
+            continue
+        seen.add(id(op))
+        group = getattr(op, "_group", None)
+        if group is not None:
+            return group
+        for value in vars(op).values():
+            if isinstance(value, LinearOperator):
+                todo.append(value)
+            elif isinstance(value, (list, tuple)):
+                todo.extend(v for v in value if isinstance(v, LinearOperator))
+    return None
+
+
+def shared_seed(group, device=None) -> int:
+    """A seed in [0, 2³¹ − 1) drawn from torch's global generator on rank 0 of ``group`` and
+    given to every rank (one all-reduce of 1 + P numbers): what a randomized solver left
+    unseeded (``Lanczos()``, ``LOBPCG()``, ``PowerIteration()``) runs with on a
+    data-parallel operator, so every rank draws the same start and takes the same
+    decisions. ``device``: where the buffer lives (the operator's; NCCL needs a GPU)."""
+    col = Collective(group, torch.float64, torch.device("cpu") if device is None else device)
+
+    def draw():
+        seed = int(torch.randint(0, 2**31 - 1, ()).item()) if col.rank == 0 else 0
+        return torch.tensor([float(seed)], dtype=torch.float64), 0
+
+    flat, _, _ = col.sum(draw, 1, "Drawing the solver's seed")
+    return int(flat[0].item())
+
+
+def on_every_rank(group, fn, what: str, device=None):
+    """``fn()`` on this rank, then one all-reduce of 1 + P numbers so that if it raised on
+    any rank, every rank raises (the failed ones their own error, the others a
+    ``RuntimeError`` naming them) instead of some waiting in the next collective. For
+    local checks before a collective (an optimizer's checks of its batch). None: one
+    process, ``fn()`` as it is."""
+    if group is None:
+        return fn()
+    col = Collective(group, torch.float64, torch.device("cpu") if device is None else device)
+    out = []
+
+    def run():
+        out.append(fn())
+        return torch.zeros(0, dtype=torch.float64), 0
+
+    col.sum(run, 0, what)
+    return out[0]
+
+
 def group_sums(group, engine, what: str):
     """A ``GroupSums`` for a pass of the layer-wise ``engine`` over ``group`` (None for one
     process), and the context to run the pass in."""
@@ -126,7 +188,7 @@ class Collective:
         self.device = device
         #: the dtype of the reduced buffers (half precision is summed in float32)
         self.work = torch.float64 if dtype == torch.float64 else torch.float32
-        self._w = None
+        self._w = {}  # the checksum weights of the products, by the number of rows
 
     # ------------------------------------------------------------------ failure
     def _raise_failed(self, flags: torch.Tensor, err: BaseException | None, what: str):
@@ -186,11 +248,12 @@ class Collective:
         all-reduce of n·k + 2k + 1 + P numbers; raises on every rank if the ranks were given
         different blocks (a solver whose random start differs across ranks)."""
         n, k = X.shape
-        if self._w is None or self._w.shape[0] != n:
+        w = self._w.get(n)
+        if w is None:
             g = torch.Generator(device="cpu").manual_seed(20241)
-            self._w = torch.randn(n, generator=g, dtype=torch.float64).to(
+            w = self._w[n] = torch.randn(n, generator=g, dtype=torch.float64).to(
                 dtype=self.work, device=self.device)
-        s = self._w @ X.to(self.work)
+        s = w @ X.to(self.work)
         checks = torch.cat([s, s * s])
 
         flat, count, sums = self.sum(compute, n * k, "The product", checks)
@@ -200,12 +263,14 @@ class Collective:
         if bool((spread > tol + torch.finfo(torch.float64).tiny).any()):
             raise ValueError(
                 "The ranks of the process group multiplied different vectors (their "
-                "checksums differ): a solver drew its random start or probes from torch's "
-                "global generator, which differs across ranks, so the ranks would take "
-                "different decisions and end up waiting on each other. Seed the solver alike "
-                "on every rank (Lanczos(seed=0), LOBPCG(seed=0), PowerIteration(seed=0), the "
-                "estimators' seed=), or call torch.manual_seed(s) with the same s on every "
-                "rank before the solve."
+                "checksums differ): a vector drawn from torch's global generator (which "
+                "differs across ranks), or computed from this rank's data alone, would make "
+                "the ranks take different decisions and end up waiting on each other. Give "
+                "every rank the same vector: draw it from a generator seeded alike on every "
+                "rank (torch.Generator().manual_seed(s)), or broadcast it from rank 0 "
+                "(torch.distributed.broadcast(v, 0)). The solvers' own random starts and "
+                "probes are shared already (unseeded Lanczos, LOBPCG and PowerIteration "
+                "take a seed broadcast from rank 0)."
             )
         return flat.to(self.dtype).reshape(n, k), count
 

@@ -66,7 +66,7 @@ from . import _memory
 from ._data import Batches, check_eval_mode, progress_bar, require_tqdm, resolve_params
 from ._distributed import group_sums, rank_seed, resolve_group, unwrap_ddp
 from ._mlp import _activation
-from ._records import backprop, param_owners, record_forward
+from ._records import _reaching, backprop, param_owners, record_forward
 from .layers import rule_for
 from .layers._base import MODULE_RULE
 from .losses import loss_curvature
@@ -168,7 +168,7 @@ class Engine:
         return rec
 
     def prepare(self, X, y, sets: set, generator, activations: bool = False,
-                grad: bool = True):
+                grad: bool = True, param_grad: bool = False):
         """One batch's forward pass with records and the cotangent column sets (``"grad"``
         always, ``"exact"``: the loss Hessian's square root, ``"mc"``: sampled) back-
         propagated to every recorded layer in one batched pass. Returns ``(plan,
@@ -187,7 +187,7 @@ class Engine:
             cols["mc"] = self.loss_curv.sampled_residuals(loss_state, S, generator) / S**0.5
         if sets and out.shape[0] != N:
             raise ValueError(_rows_message(out, N))
-        plan.propagate(out, cols)
+        plan.propagate(out, cols, param_grad)
         return plan, loss_state, out, N
 
     def batch(self, X, y, want: set, generator, gradient: bool = False) -> dict:
@@ -202,7 +202,8 @@ class Engine:
         if want & {"diag_ggn_mc", "diag_ggn_mc_batch", "sqrt_ggn_mc"}:
             sets.add("mc")
         need_grad = gradient or bool(want & (set(FIRST_ORDER) | {"diag_h", "diag_h_batch"}))
-        plan, loss_state, out, N = self.prepare(X, y, sets, generator, need_h, need_grad)
+        plan, loss_state, out, N = self.prepare(X, y, sets, generator, need_h, need_grad,
+                                                param_grad=gradient or "variance" in want)
         if need_h:
             plan.check_hessian_graph()
 
@@ -283,12 +284,23 @@ class _Plan:
         for p in fallback:
             self.uses[p] = []
         self.fallback = [p for p in engine.names if p in fallback]
+        self.param_grads = {}  # name -> the summed gradient, where autograd gave it
         self.cots = {}  # set -> list aligned with rec.layers (M, N, *out) or None
         self.act_cots = {}
         self.model_cots = {}
 
     # ------------------------------------------------------------- propagation
-    def propagate(self, out, sets: dict):
+    def propagate(self, out, sets: dict, param_grad: bool = False):
+        """Back-propagate the cotangent column sets to every recorded layer (and
+        activation) output in one batched pass. ``param_grad`` (with a ``"grad"`` set):
+        the gradient column goes alone through a plain backward pass that also reaches the
+        parameters, so the summed gradient comes from autograd's own kernels (fused with
+        the input gradients) instead of a second pass over the layer records."""
+        if param_grad and "grad" in sets:
+            sets = dict(sets)
+            self._propagate_gradient(out, sets.pop("grad"))
+            if not sets:
+                return
         names = list(sets)
         sizes = [sets[k].shape[0] for k in names]
         cot = torch.cat([sets[k] for k in names]) if len(names) > 1 else sets[names[0]]
@@ -302,6 +314,20 @@ class _Plan:
             self.act_cots[k] = [None if g is None else g[sl] for g in got[len(targets):]]
             self.model_cots[k] = sets[k]
             start += size
+
+    def _propagate_gradient(self, out, cot):
+        targets = [r.output for r in self.rec.layers]
+        acts = [a.output for a in self.rec.activations]
+        reach = _reaching(out, targets + acts)
+        inputs = [t for t, ok in zip(targets + acts, reach) if ok]
+        leaves = list(self.rec.leaves.values())
+        got = iter(torch.autograd.grad(out, inputs + leaves, cot[0], retain_graph=True,
+                                       allow_unused=True, materialize_grads=True))
+        res = [next(got).unsqueeze(0) if ok else None for ok in reach]
+        self.cots["grad"] = res[:len(targets)]
+        self.act_cots["grad"] = res[len(targets):]
+        self.model_cots["grad"] = cot
+        self.param_grads = dict(zip(self.rec.leaves, got))
 
     # ------------------------------------------------------------- per-parameter pieces
     def _uses(self, p, key):
@@ -350,6 +376,8 @@ class _Plan:
         return [slice(i, min(M, i + step)) for i in range(0, M, step)]
 
     def summed(self, key, p) -> torch.Tensor:
+        if key == "grad" and p in self.param_grads:
+            return self.param_grads[p].unsqueeze(0)
         if p in self.fallback:
             return self.per_sample(key, p).sum(1)
         total = None

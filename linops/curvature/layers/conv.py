@@ -137,7 +137,13 @@ class ConvRule(LayerRule):
 
     def sq_norm(self, rec, cot):
         U, g = self._ug(rec, cot)
-        if U.shape[1] != 1:
-            return None
-        res = linear.sq_norm(U[:, 0].mT, g[:, :, 0].mT, "bias" in rec.params)
-        return None if res is None else {k: v for k, v in res.items() if k in rec.params}
+        M, N, G, O, L = g.shape
+        if G == 1:
+            res = linear.sq_norm(U[:, 0].mT, g[:, :, 0].mT, "bias" in rec.params)
+            return {k: v for k, v in res.items() if k in rec.params}
+        d = {}
+        if "weight" in rec.params:  # Σ over the groups' blocks
+            d["weight"] = sum(linear.sq_norm_chunked(U[:, i], g[:, :, i]) for i in range(G))
+        if "bias" in rec.params:
+            d["bias"] = (g.sum(-1) ** 2).sum((2, 3))
+        return d

@@ -25,7 +25,7 @@ from .. import _memory
 from ._base import LayerRule, register
 
 __all__ = ["LinearRule", "batched_outer", "per_sample", "summed", "sum_sq", "sum_sq_batch",
-           "sum_sq_chunked", "bias_sum_sq", "sq_norm"]
+           "sum_sq_chunked", "sq_norm_chunked", "bias_sum_sq", "sq_norm"]
 
 
 def per_sample(a, g, bias: bool):
@@ -124,6 +124,25 @@ def sum_sq_chunked(u, g, w, batch: bool):
     return out
 
 
+def sq_norm_chunked(u, g):
+    """``(M, N)``: ‖gₘₙ uₙᵀ‖² (Frobenius) per column and sample, formed a few samples at a
+    time as in ``sum_sq_chunked``: ``u`` (N, I, L), ``g`` (M, N, O, L)."""
+    M, N, O, L = g.shape
+    I = u.shape[1]
+    out = torch.empty((M, N), dtype=torch.result_type(g, u), device=g.device)
+    step = max(1, _CHUNK // (M * O * I))
+    for s in range(0, N, step):
+        e = min(N, s + step)
+        ut = u[s:e].mT
+        if M == 1 or L > I:
+            for m in range(M):
+                out[m, s:e] = torch.linalg.vector_norm(torch.bmm(g[m, s:e], ut), dim=(1, 2))
+        else:
+            W = torch.bmm(g[:, s:e].transpose(0, 1).reshape(e - s, M * O, L), ut)
+            out[:, s:e] = torch.linalg.vector_norm(W.view(e - s, M, O * I), dim=2).T
+    return out.square_()
+
+
 def bias_sum_sq(gs, w, batch: bool):
     """Σₘ (Σₙ) wₘₙ b²ₘₙ of per-sample bias gradients ``gs`` (M, N, ...)."""
     g2 = gs * gs
@@ -133,8 +152,9 @@ def bias_sum_sq(gs, w, batch: bool):
 
 
 def sq_norm(a, g, bias: bool):
-    """‖∇W‖², ‖∇b‖² per column and sample, (M, N), or None where the Gram identity would
-    cost more than the per-sample gradients."""
+    """‖∇W‖², ‖∇b‖² per column and sample, (M, N): closed forms for T = 1, the Gram
+    identity where it costs less than the per-sample gradients, else those gradients a few
+    samples at a time."""
     M, T, I, O = g.shape[0], a.shape[1], a.shape[2], g.shape[3]
     if T == 1:
         w = (g[:, :, 0] ** 2).sum(-1) * (a[:, 0] ** 2).sum(-1)
@@ -142,8 +162,8 @@ def sq_norm(a, g, bias: bool):
         gram_a = torch.matmul(a, a.mT)  # (N, T, T)
         gram_g = torch.matmul(g, g.mT)  # (M, N, T, T)
         w = (gram_g * gram_a).sum((-2, -1))
-    else:
-        return None
+    else:  # the per-sample gradients, a few samples at a time
+        w = sq_norm_chunked(a.mT, g.mT)
     out = {"weight": w}
     if bias:
         out["bias"] = (g.sum(2) ** 2).sum(-1)
