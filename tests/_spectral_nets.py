@@ -1,4 +1,4 @@
-"""A small tanh network and its dense float64 Hessian and GGN, for the spectral tests.
+"""Small tanh networks and their dense float64 Hessian and GGN, for the spectral tests.
 
 ``small_network()`` returns the model, the data, the loss and the dense matrices built with
 ``torch.func`` (the Hessian of the loss in the flat parameters; the GGN ``Jᵀ H_out J`` from
@@ -15,23 +15,38 @@ F64 = torch.float64
 
 @functools.cache
 def small_network(hidden: int = 40, n_data: int = 64, seed: int = 0, train_steps: int = 0,
-                  loss: str = "ce"):
-    """MLP 10 → hidden → hidden → 3 with tanh (2,203 parameters for hidden=40), float64, at
-    initialization or after ``train_steps`` full-batch Adam steps (lr 1e-2). ``loss="ce"``:
-    cross-entropy on random classes; ``"mse"``: mean squared error on the smooth targets
-    ``sin(X W)`` (a regression a network fits, so that its Hessian approaches its GGN).
+                  loss: str = "ce", data: str = "gaussian"):
+    """MLP d → hidden → hidden → 3 with tanh, float64, at initialization or after
+    ``train_steps`` full-batch Adam steps (lr 1e-2).
+
+    ``data="gaussian"``: 10-dimensional standard normal inputs (2,203 parameters for
+    hidden=40) with ``loss="ce"``, cross-entropy on random classes, or ``"mse"``, mean squared
+    error on the smooth targets ``sin(X W)`` (a regression a network fits, so that its
+    Hessian approaches its GGN). ``data="spirals"``: ``solvers.problems.make_spirals`` with 3
+    arms of ``n_data // 3`` points (2-dimensional inputs, the library's reference task at a
+    small size; 543 parameters for hidden=20), cross-entropy.
     Returns a dict with model, X, y, loss_fn, H, G, n, loss."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(10, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+    d_in = 2 if data == "spirals" else 10
+    model = nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
                           nn.Linear(hidden, 3)).to(F64)
-    X = torch.randn(n_data, 10, dtype=F64, generator=g)
-    if loss == "ce":
-        y = torch.randint(0, 3, (n_data,), generator=g)
+    if data == "spirals":
+        from solvers.problems import make_spirals
+
+        X, y = make_spirals(n_per_class=n_data // 3, n_classes=3, seed=seed)
+        X = X.to(F64)
         loss_fn = nn.CrossEntropyLoss()
+    elif data != "gaussian":
+        raise ValueError(f"data must be 'gaussian' or 'spirals', got {data!r}")
     else:
-        y = torch.sin(X @ torch.randn(10, 3, dtype=F64, generator=g))
-        loss_fn = nn.MSELoss()
+        X = torch.randn(n_data, d_in, dtype=F64, generator=g)
+        if loss == "ce":
+            y = torch.randint(0, 3, (n_data,), generator=g)
+            loss_fn = nn.CrossEntropyLoss()
+        else:
+            y = torch.sin(X @ torch.randn(d_in, 3, dtype=F64, generator=g))
+            loss_fn = nn.MSELoss()
     if train_steps:
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         for _ in range(train_steps):
