@@ -154,6 +154,21 @@ def cond(A: LinearOperator, alg=None) -> torch.Tensor:
     return out
 
 
+def _seed_across_ranks(A: LinearOperator, alg):
+    """``alg`` with a seed drawn on rank 0 and shared by every rank when ``A`` contains a
+    data-parallel operator (``process_group=``): an unseeded random start drawn from each
+    rank's own global generator would differ across ranks, and so would the solvers'
+    decisions. Unchanged in one process."""
+    import dataclasses
+
+    from linops.curvature._distributed import operator_group, shared_seed
+
+    group = operator_group(A)
+    if group is None:
+        return alg
+    return dataclasses.replace(alg, seed=shared_seed(group, A.device))
+
+
 def _select(vals: torch.Tensor, k: int, which: str) -> torch.Tensor:
     """Indices of the k wanted entries of a real vector, in the wanted order."""
     key = {"LA": vals, "SA": -vals, "LM": vals.abs()}[which]
@@ -192,6 +207,8 @@ def eig_rule(A: LinearOperator, k: int, which: str, alg: object) -> EigResult:
             "linops.SelfAdjoint(A) or linops.PSD(A) if it is, or use alg=solvers.Dense()."
         )
     n, dt, dev = A.shape[0], A.dtype, A.device
+    if isinstance(alg, (Lanczos, LOBPCG, PowerIteration)) and alg.seed is None:
+        alg = _seed_across_ranks(A, alg)
     if isinstance(alg, Lanczos):
         sol = lanczos(A._matmat, n, dt, dev, alg, k=k, which=which)
     elif isinstance(alg, LOBPCG):

@@ -58,7 +58,8 @@ class Lanczos(KeywordCheck):
             (classical Gram-Schmidt twice). Without it, rounding creates spurious copies
             of converged eigenvalues; keep it on for ``k > 1``.
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``.
-        seed: seed of the random start (and restart) vectors; ``None``: torch's global RNG.
+        seed: seed of the random start (and restart) vectors; ``None``: torch's global RNG
+            (for an operator built with ``process_group=``: rank 0's, shared by every rank).
         check_every: convergence checks (a small tridiagonal eigenproblem on the host)
             every this many steps (``None``: 1 on the CPU, 10 on an accelerator).
         block_size: vectors per step (``None``: 1 for k = 1, else k). Block Lanczos with a

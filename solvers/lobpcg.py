@@ -51,7 +51,8 @@ class LOBPCG(KeywordCheck):
         preconditioner: ``None``, or an operator / square tensor / callable ``X -> M X``;
             for the smallest eigenvalues, ``M ≈ A⁻¹`` (symmetric positive definite).
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``.
-        seed: seed of the random start block; ``None``: torch's global RNG.
+        seed: seed of the random start block; ``None``: torch's global RNG (for an
+            operator built with ``process_group=``: rank 0's, shared by every rank).
         block_size: number of vectors iterated (``None``: k); a few more than k speeds up
             convergence when the k-th and (k+1)-th eigenvalues are close, and finds
             repeated eigenvalues.

@@ -36,7 +36,8 @@ class PowerIteration(KeywordCheck):
         tol: relative tolerance of the eigen-residual (≥ 0).
         max_iters: at most this many products (``None``: 1000).
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``.
-        seed: seed of the random start vector; ``None``: torch's global RNG.
+        seed: seed of the random start vector; ``None``: torch's global RNG (for an
+            operator built with ``process_group=``: rank 0's, shared by every rank).
         check_every: host convergence checks every this many iterations (``None``: 1 on
             the CPU, 10 on an accelerator).
 

@@ -98,6 +98,210 @@ def layerwise(rank, world, group, model, loss, local, res, errors):
         lambda: KFAC(model, loss, bad, fisher="exact", process_group=group))
 
 
+class _Counted:
+    """Counts the calls of ``torch.distributed.all_reduce`` while active."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __enter__(self):
+        self._orig = dist.all_reduce
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return self._orig(*args, **kwargs)
+
+        dist.all_reduce = counted
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_reduce = self._orig
+        return False
+
+
+class _BadAfterOnePass:
+    """This rank's batches for one full pass, then (on rank 1) a batch that does not fit
+    the model: the second pass over the data fails there (EKFAC's refit)."""
+
+    def __init__(self, batches, rank):
+        self.batches, self.rank, self.passes = batches, rank, 0
+
+    def __iter__(self):
+        if self.passes >= 1 and self.rank == 1:
+            yield (torch.randn(5, N_FEATURES + 1), self.batches[0][1][:5])
+            return
+        yield from self.batches
+        self.passes += 1
+
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def kronecker_blocks_optimizers(rank, world, group, model, loss, local, res, errors):
+    """EKFAC, BlockDiagCurvature, the CGNewton / DiagGGN / KFAC optimizers and the unseeded
+    randomized solvers over the group against one process on the whole data."""
+    from linops.curvature import EKFAC, BlockDiagCurvature
+
+    X, y = data()
+    n = sum(p.numel() for p in model.parameters())
+    # EKFAC: the factors, then the refitted diagonal, each reduced once
+    for fisher in ("exact", "empirical"):
+        E = EKFAC(model, loss, local, fisher=fisher, process_group=group)
+        Er = EKFAC(model, loss, (X, y), fisher=fisher)
+        res[f"EKFAC {fisher}"] = (E.to_dense(), Er.to_dense())
+        res[f"EKFAC {fisher} gradient"] = (E.gradient, Er.gradient)
+        res[f"EKFAC {fisher} loss"] = (E.loss, Er.loss)
+    with _Counted() as c:
+        EKFAC(model, loss, local, fisher="exact", process_group=group)
+    # two passes, each a MAX agreement and one SUM of every factor (diagonal) and count
+    res["EKFAC all-reduces"] = (torch.tensor(float(c.calls)), torch.tensor(4.0))
+    # BlockDiagCurvature: whole products, block products (one all-reduce per block of k
+    # columns), loss, gradient, diag(), solves; cached over rank 0's two batches and not
+    V = torch.sin(torch.arange(n * 3, dtype=torch.float64)).reshape(n, 3)
+    for curvature in ("ggn", "hessian", "pch-abs"):
+        for cache in (False, True):
+            C = BlockDiagCurvature(model, loss, local, curvature=curvature, cache=cache,
+                                   process_group=group)
+            Cr = BlockDiagCurvature(model, loss, (X, y), curvature=curvature)
+            tag = f"BlockDiagCurvature {curvature} cache={cache}"
+            D = Cr.to_dense()
+            res[f"{tag}: to_dense"] = (C.to_dense(), D)
+            res[f"{tag}: matmat"] = (C @ V, D @ V)
+            res[f"{tag}: loss"], res[f"{tag}: gradient"] = (C.loss, Cr.loss), (C.gradient,
+                                                                               Cr.gradient)
+            if curvature != "pch-abs":
+                res[f"{tag}: diag()"] = (C.diag(), Cr.diag())
+            if cache:
+                res[f"{tag}: num_terms"] = (torch.tensor(float(C.num_terms)),
+                                            torch.tensor(13.0))
+            lo = 0
+            for b, (blk, blk_r) in enumerate(zip(C.blocks, Cr.blocks)):
+                Vb = V[lo:lo + blk.shape[0]]
+                lo += blk.shape[0]
+                with _Counted() as c:
+                    got = blk @ Vb
+                res[f"{tag}: block {b} product"] = (got, blk_r @ Vb)
+                res[f"{tag}: block {b} product, all-reduces"] = (
+                    torch.tensor(float(c.calls)), torch.tensor(1.0))
+            if curvature == "ggn":
+                with _Counted() as c:
+                    C @ V
+                res[f"{tag}: product, all-reduces"] = (torch.tensor(float(c.calls)),
+                                                       torch.tensor(1.0))
+                cg = solvers.CG(tol=1e-12, max_iters=200)
+                A, Ar = (linops.PSD(M + 0.1 * linops.I_like(M)) for M in (C.blocks[0],
+                                                                           Cr.blocks[0]))
+                b0 = C.gradient[:A.shape[0]]
+                res[f"{tag}: CG solve with block 0"] = (solvers.inv(A, alg=cg) @ b0,
+                                                        solvers.inv(Ar, alg=cg) @ b0)
+    # three optimizer steps on 2 ranks equal three one-process steps on the whole data
+    batch = (torch.cat([a for a, _ in local]), torch.cat([b for _, b in local]))
+    optimizers = {
+        "CGNewton ggn parameter": (solvers.optim.CGNewton, dict(
+            lr=0.5, alpha=0.1, cg_tol=1e-11, cg_maxiter=100)),
+        "CGNewton hessian layer": (solvers.optim.CGNewton, dict(
+            lr=0.5, alpha=0.3, cg_tol=1e-11, cg_maxiter=100, curvature="hessian",
+            blocks="layer", on_failure="ignore")),
+        "CGNewton pch-abs": (solvers.optim.CGNewton, dict(
+            lr=0.5, alpha=0.1, cg_tol=1e-11, cg_maxiter=100, curvature="pch-abs")),
+        "CGNewton kflr": (solvers.optim.CGNewton, dict(
+            lr=0.5, alpha=0.1, cg_tol=1e-11, cg_maxiter=100, approximation="kflr")),
+        "CGNewton full adapt_damping": (solvers.optim.CGNewton, dict(
+            lr=0.5, alpha=0.1, cg_tol=1e-11, cg_maxiter=100, blocks="full",
+            adapt_damping=True)),
+        "DiagGGN exact": (solvers.optim.DiagGGN, dict(lr=0.1, damping=0.5,
+                                                       curvature="exact")),
+        "KFAC exact": (solvers.optim.KFAC, dict(lr=0.5, damping=0.1, fisher="exact",
+                                                update_every=2)),
+        "KFAC empirical pi": (solvers.optim.KFAC, dict(lr=0.5, damping=0.1,
+                                                       fisher="empirical", update_every=2,
+                                                       damping_kind="pi")),
+    }
+    for name, (cls, kw) in optimizers.items():
+        m_dist, m_one = mlp(), mlp()
+        opt_d = cls(m_dist, loss, process_group=group, **kw)
+        opt_1 = cls(m_one, loss, **kw)
+        for i in range(3):
+            ld, _ = opt_d.step(batch)
+            l1, _ = opt_1.step((X, y))
+            res[f"optimizer {name} step {i + 1}: loss"] = (ld, l1)
+        res[f"optimizer {name}: parameters after 3 steps"] = (_flat(m_dist), _flat(m_one))
+        if "adapt_damping" in kw:
+            res[f"optimizer {name}: adapted alpha"] = (
+                torch.tensor(opt_d.param_groups[0]["alpha"]),
+                torch.tensor(opt_1.param_groups[0]["alpha"]))
+    # a DDP-wrapped model: the optimizer unwraps it
+    ddp = nn.parallel.DistributedDataParallel(mlp())
+    m_one = mlp()
+    opt_d = solvers.optim.DiagGGN(ddp, loss, curvature="exact", process_group=group)
+    opt_1 = solvers.optim.DiagGGN(m_one, loss, curvature="exact")
+    for _ in range(2):
+        opt_d.step(batch)
+        opt_1.step((X, y))
+    res["optimizer DiagGGN of a DDP model: parameters"] = (_flat(ddp.module), _flat(m_one))
+    # MC optimizers unseeded: every rank draws the step's seed from rank 0's generator
+    torch.manual_seed(200 + rank)
+    opt = solvers.optim.DiagGGN(mlp(), loss, process_group=group)
+    opt.step(batch)
+    seeds = torch.tensor([float(opt.last["seed"])] * world)
+    gathered = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(gathered, seeds[:1])
+    res["optimizer DiagGGN mc, seed=None: the same seed on every rank"] = (
+        torch.cat(gathered), seeds)
+
+    # unseeded randomized solvers: a seed drawn on rank 0 and shared; torch's global
+    # generator differs across ranks
+    torch.manual_seed(100 + rank)
+    G = GGN(model, loss, local, process_group=group)
+    R = GGN(model, loss, (X, y))
+    lz = solvers.Lanczos(tol=1e-10)
+    res["unseeded eigmax (Lanczos)"] = (solvers.eigmax(G, alg=lz), solvers.eigmax(R, alg=lz))
+    res["unseeded eigmax of G + 0.1 I (Lanczos)"] = (
+        solvers.eigmax(linops.PSD(G + 0.1 * linops.I_like(G)), alg=lz),
+        solvers.eigmax(linops.PSD(R + 0.1 * linops.I_like(R)), alg=lz))
+    top = solvers.LOBPCG(tol=1e-9, max_iters=500)
+    res["unseeded eigmax top 2 (LOBPCG)"] = (solvers.eig(G, k=2, alg=top).values,
+                                             solvers.eig(R, k=2, alg=top).values)
+    pw = solvers.PowerIteration(tol=1e-12, max_iters=5000)
+    res["unseeded eigmax (PowerIteration)"] = (
+        solvers.eig(G, k=1, which="LM", alg=pw).values,
+        solvers.eig(R, k=1, which="LM", alg=pw).values)
+    C = BlockDiagCurvature(model, loss, local, process_group=group)
+    Cr = BlockDiagCurvature(model, loss, (X, y))
+    res["unseeded eigmax of BlockDiagCurvature (Lanczos)"] = (solvers.eigmax(C, alg=lz),
+                                                              solvers.eigmax(Cr, alg=lz))
+    for est in (solvers.Hutchinson(samples=8, seed=None), solvers.HutchPP(samples=9, seed=None),
+                solvers.XTrace(samples=8, seed=None)):
+        res[f"unseeded trace ({type(est).__name__})"] = (solvers.trace(G, est),
+                                                         solvers.trace(R, est))
+
+    # a rank that raises makes every rank raise, on the new paths too
+    bad = [(torch.randn(5, N_FEATURES + 1), y[:5])]
+    errors["a rank fails in EKFAC's refit"] = caught(
+        lambda: EKFAC(model, loss, _BadAfterOnePass(local, rank), fisher="exact",
+                      process_group=group))
+    later = local if rank == 0 else local + bad
+    Cbad = BlockDiagCurvature(model, loss, later, process_group=group)
+    errors["a rank fails in a block product"] = caught(
+        lambda: Cbad.blocks[0] @ torch.ones(Cbad.blocks[0].shape[0], 2))
+    opt = solvers.optim.CGNewton(mlp(), loss, process_group=group)
+    errors["a rank's optimizer batch is refused"] = caught(
+        lambda: opt.step(batch if rank == 0 else [batch[0]]))
+    opt = solvers.optim.KFAC(mlp(), loss, fisher="exact", update_every=10,
+                             process_group=group)
+    opt.step(batch)
+    errors["a rank fails in a KFAC optimizer gradient step"] = caught(
+        lambda: opt.step(batch if rank == 0 else bad[0]))
+    errors["an optimizer with a bad process group"] = caught(
+        lambda: solvers.optim.DiagGGN(mlp(), loss, process_group="world"))
+    torch.manual_seed(300 + rank)  # (mlp() above seeded every rank alike)
+    errors["a product with vectors from the global generator"] = caught(
+        lambda: G @ torch.randn(n))
+    res["after the new errors"] = (C.blocks[1] @ torch.ones(C.blocks[1].shape[0]),
+                                   Cr.blocks[1] @ torch.ones(Cr.blocks[1].shape[0]))
+
+
 def main(rank: int, world: int, port: int, out: str) -> None:
     t0 = time.perf_counter()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -185,10 +389,11 @@ def main(rank: int, world: int, port: int, out: str) -> None:
 
     print(f"rank {rank}: solvers {time.perf_counter() - t0:.1f} s", flush=True)
     layerwise(rank, world, group, model, loss, local, res, errors)
+    print(f"rank {rank}: layer-wise {time.perf_counter() - t0:.1f} s", flush=True)
+    kronecker_blocks_optimizers(rank, world, group, model, loss, local, res, errors)
+    print(f"rank {rank}: EKFAC, blocks, optimizers {time.perf_counter() - t0:.1f} s",
+          flush=True)
     # misuse: every rank raises, none hangs
-    torch.manual_seed(100 + rank)  # torch's global generator differs across ranks
-    errors["Lanczos seeded from the global generator"] = caught(
-        lambda: solvers.eigmax(G, alg=solvers.Lanczos(tol=1e-6, max_iters=5)))
     bad = mlp()
     if rank == 1:
         with torch.no_grad():

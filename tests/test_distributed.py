@@ -73,9 +73,10 @@ def _names(ranks):
 
 def test_equals_the_one_process_operator(ranks):
     """Products, to_dense, loss, gradient, num_terms, CG, eigmax, traces, three
-    GaussNewton steps, quantities (summed and per-sample), DiagGGN, DiagHessian, KFAC and
-    op.diag() on the shards equal the one-process results on the whole data, on every
-    rank, to rounding."""
+    GaussNewton steps, quantities (summed and per-sample), DiagGGN, DiagHessian, KFAC,
+    EKFAC, BlockDiagCurvature, op.diag(), three steps of CGNewton, DiagGGN and KFAC, and
+    unseeded eigensolvers and estimators on the shards equal the one-process results on
+    the whole data, on every rank, to rounding."""
     names = _names(ranks)
     assert len(names) >= 60, names
     for r, rank in enumerate(ranks):
@@ -84,7 +85,8 @@ def test_equals_the_one_process_operator(ranks):
             assert got.dtype == torch.float64, name
             assert got.shape == want.shape, (r, name)
             err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-300))
-            loose = ("Hutchinson", "CG", "eigmax", "GaussNewton")  # iterations amplify rounding
+            loose = ("Hutchinson", "CG", "eigmax", "GaussNewton", "optimizer",
+                     "unseeded")  # iterations amplify rounding
             tol = 1e-9 if any(w in name for w in loose) else 1e-12
             assert err <= tol, f"rank {r}, {name}: relative error {err:.3g}"
     # every rank holds the very same results (no rank took other decisions), but for the
@@ -97,8 +99,9 @@ def test_equals_the_one_process_operator(ranks):
 def test_every_rank_raises(ranks):
     e0, e1 = ranks[0]["errors"], ranks[1]["errors"]
     for errs in (e0, e1):
-        assert "multiplied different vectors" in errs["Lanczos seeded from the global generator"]
-        assert "Lanczos(seed=0)" in errs["Lanczos seeded from the global generator"]
+        said = errs["a product with vectors from the global generator"]
+        assert "multiplied different vectors" in said and "broadcast" in said, said
+        assert errs["an optimizer with a bad process group"].startswith("TypeError")
         assert errs["parameters differ"].startswith("ValueError")
         assert "different parameters" in errs["parameters differ"]
         assert "non-batch dimensions" in errs["batch shapes differ"]
@@ -110,10 +113,48 @@ def test_every_rank_raises(ranks):
                       ("a rank fails in a product", "do not fit the model"),
                       ("a rank fails in the gradient", "do not fit the model"),
                       ("a rank fails in quantities", "shapes cannot be multiplied"),
-                      ("a rank fails in KFAC", "shapes cannot be multiplied")]:
+                      ("a rank fails in KFAC", "shapes cannot be multiplied"),
+                      ("a rank fails in EKFAC's refit", "shapes cannot be multiplied"),
+                      ("a rank fails in a block product", "do not fit the model"),
+                      ("a rank's optimizer batch is refused", "takes one batch (X, y)"),
+                      ("a rank fails in a KFAC optimizer gradient step",
+                       "shapes cannot be multiplied")]:
         assert said in e1[key] and "rank(s)" not in e1[key], e1[key]
         assert e0[key].startswith("RuntimeError") and "rank(s) [1]" in e0[key], e0[key]
         assert said in e0[key], e0[key]  # rank 1's message, gathered
+
+
+def test_kronecker_blocks_optimizers_and_unseeded_solvers_are_covered(ranks):
+    """The worker compared these with one process (checked above): EKFAC, BlockDiagCurvature
+    (whole and block products, one all-reduce per block of k columns), three steps of each
+    optimizer, and unseeded Lanczos / LOBPCG / PowerIteration / estimators, whose seed
+    rank 0 draws and shares (every rank's global generator differs)."""
+    names = set(_names(ranks))
+    want = ["EKFAC exact", "EKFAC empirical", "EKFAC all-reduces",
+            "BlockDiagCurvature hessian cache=False: block 0 product",
+            "BlockDiagCurvature ggn cache=True: block 3 product, all-reduces",
+            "BlockDiagCurvature pch-abs cache=False: matmat",
+            "BlockDiagCurvature ggn cache=False: product, all-reduces",
+            "BlockDiagCurvature ggn cache=True: diag()",
+            "BlockDiagCurvature ggn cache=False: CG solve with block 0",
+            "unseeded eigmax (Lanczos)", "unseeded eigmax top 2 (LOBPCG)",
+            "unseeded eigmax (PowerIteration)",
+            "unseeded eigmax of BlockDiagCurvature (Lanczos)",
+            "unseeded trace (Hutchinson)", "unseeded trace (XTrace)",
+            "optimizer DiagGGN of a DDP model: parameters",
+            "optimizer DiagGGN mc, seed=None: the same seed on every rank"]
+    for opt in ("CGNewton ggn parameter", "CGNewton hessian layer", "CGNewton pch-abs",
+                "CGNewton kflr", "CGNewton full adapt_damping", "DiagGGN exact",
+                "KFAC exact", "KFAC empirical pi"):
+        want += [f"optimizer {opt} step {i}: loss" for i in (1, 2, 3)]
+        want.append(f"optimizer {opt}: parameters after 3 steps")
+    assert not [w for w in want if w not in names], [w for w in want if w not in names]
+    for rank in ranks:
+        for name, (got, expected) in rank["results"].items():
+            if "all-reduces" in name:
+                assert float(got) == float(expected), (name, float(got))
+        got, want_ = rank["results"]["unseeded eigmax (Lanczos)"]
+        assert abs(float(got - want_)) <= 1e-6 * abs(float(want_))
 
 
 def test_process_group_not_initialized():

@@ -53,6 +53,7 @@ from ..blockdiag import BlockDiag
 from ..operator import LinearOperator
 from ._base import CurvatureOperator
 from ._data import require_terms
+from ._distributed import resolve_group, unwrap_ddp
 from ._records import param_owners
 from .quantities import Engine, _num_samples, _Plan, activation_residual
 
@@ -86,9 +87,11 @@ class _BlockEngine(CurvatureOperator):
     scaling, ``loss`` and ``gradient``; ``blocks`` lists each block's parameter indices."""
 
     def __init__(self, model, loss_fn, data, params, curvature, blocks, *, cache, progress,
-                 vectorize):
+                 vectorize, process_group=None):
         self.curvature = _check_choice(curvature, CURVATURES, "curvature")
         self.blocking = _check_choice(blocks, BLOCKINGS, "blocks")
+        if isinstance(model, nn.Module):
+            model = unwrap_ddp(model, resolve_group(process_group))
         self._engine = None
         if self.curvature != "ggn":
             # the engine's checks (eval mode, batch-first layers) and its graph check
@@ -98,7 +101,8 @@ class _BlockEngine(CurvatureOperator):
         self.blocks = None
         self._setup_blocks(model, params)
         super().__init__(model, loss_fn, data, params, cache=cache, progress=progress,
-                         vectorize=vectorize, fast_path=False, route="double backward")
+                         vectorize=vectorize, fast_path=False, route="double backward",
+                         process_group=process_group)
 
     # ----------------------------------------------------------------- blocks
     def _setup_blocks(self, model, params):
@@ -273,20 +277,30 @@ class _BlockEngine(CurvatureOperator):
 
     def block_matmat(self, b: int, X: torch.Tensor) -> torch.Tensor:
         """``C_b X`` for block ``b`` alone, ``X`` of shape ``(n_b, k)``: one pass over the
-        data (the cached linearization when there is one)."""
+        data (the cached linearization when there is one); over a process group, one
+        all-reduce of the block's ``n_b × k`` product."""
         k = X.shape[1]
         idx = self.blocks[b]
         shapes = [self.param_space.shapes[i] for i in idx]
         sizes = [self.param_space.numels[i] for i in idx]
-        V = [p.reshape(k, *s) for p, s in zip(torch.split(X.mT, sizes, dim=1), shapes)]
-        states = self._states if self._states is not None else self._linearize_pass()
-        acc, total = None, 0
-        for state in states:
-            part = self._apply_block(state, idx, V, k)
-            acc = part if acc is None else [a.add_(p) for a, p in zip(acc, part)]
-            total = total + self._loss_curv.count(state["loss"])
+
+        def local():
+            V = [p.reshape(k, *s) for p, s in zip(torch.split(X.mT, sizes, dim=1), shapes)]
+            states = self._states if self._states is not None else self._linearize_pass()
+            acc, total = None, 0
+            for state in states:
+                part = self._apply_block(state, idx, V, k)
+                acc = part if acc is None else [a.add_(p) for a, p in zip(acc, part)]
+                total = total + self._loss_curv.count(state["loss"])
+            if acc is None:  # no batch on this rank
+                return X.new_zeros(X.shape), total
+            return torch.cat([a.reshape(k, -1) for a in acc], dim=1).mT, total
+
+        if self._collective is None:
+            out, total = local()
+        else:  # one all_reduce of the block's product, the count and the input's checksums
+            out, total = self._collective.product(X, local)
         require_terms(self, total)
-        out = torch.cat([a.reshape(k, -1) for a in acc], dim=1).mT
         if self._loss_curv.reduction == "mean":
             out = out / (self._num_terms if self._states is not None else total)
         return out
@@ -367,6 +381,12 @@ class BlockDiagCurvature(BlockDiag):
         cache: over several batches, keep every batch's linearization.
         progress: a tqdm progress bar over the batches of each pass.
         vectorize: products with k columns in one vmapped pass (None: on GPU only).
+        process_group: a ``torch.distributed`` process group over whose ranks the data is
+            sharded (see ``linops.curvature.GGN``): a product of the whole operator or of one
+            block (``op.blocks[b] @ X``, which ``solvers.inv`` uses block by block) costs one
+            all-reduce of its n × k (n_b × k) result, the mean divides by the global number
+            of terms, and ``loss``, ``gradient`` and ``diag()`` are those of the union of
+            the shards; None: one process.
 
     Attributes:
         param_space: the flat layout (``param_space.unflatten(v)`` gives a dict).
@@ -397,9 +417,10 @@ class BlockDiagCurvature(BlockDiag):
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, data, curvature: str = "ggn",
                  blocks: str = "parameter", params=None, *, cache: bool = False,
-                 progress: bool = False, vectorize: bool | None = None):
+                 progress: bool = False, vectorize: bool | None = None, process_group=None):
         engine = _BlockEngine(model, loss_fn, data, params, curvature, blocks, cache=cache,
-                              progress=progress, vectorize=vectorize)
+                              progress=progress, vectorize=vectorize,
+                              process_group=process_group)
         super().__init__(*[_Block(engine, b) for b in range(len(engine.blocks))])
         self._tags = engine._tag_set
         self.engine = engine
@@ -447,7 +468,7 @@ class BlockDiagCurvature(BlockDiag):
         name = "diag_ggn_exact" if self.curvature == "ggn" else "diag_h"
         raw = self._raw_data
         q = quantities(self.engine.model, self.engine.loss_fn, raw, [name],
-                       params=self.engine.params)[name]
+                       params=self.engine.params, process_group=self.engine._group)[name]
         return self.param_space.join([q[n] for n in self.param_space.names])
 
     def _repr(self):
@@ -456,7 +477,7 @@ class BlockDiagCurvature(BlockDiag):
 
 def block_product_callables(model: nn.Module, loss_fn: nn.Module, data, curvature: str,
                             params=None, *, cache: bool = False, progress: bool = False,
-                            vectorize: bool | None = None) -> dict:
+                            vectorize: bool | None = None, process_group=None) -> dict:
     """BackPACK-style block products: ``{param_name: f}`` with ``f(V)`` = the parameter's
     block of ``curvature`` times each of the V matrices in ``V`` (shape ``(V, *p.shape)``,
     returned in the same shape) — BackPACK's ``p.ggnmp(V)``, ``p.hmp(V)``,
@@ -467,7 +488,7 @@ def block_product_callables(model: nn.Module, loss_fn: nn.Module, data, curvatur
     ``BlockDiagCurvature(..., blocks="parameter")`` (over one batch its linearization is
     kept; over a DataLoader each call passes over the data unless ``cache=True``); a call
     costs two reverse passes of V columns per batch over the graph downstream of the
-    parameter. ``params``, ``cache``, ``progress``, ``vectorize``: as for
+    parameter. ``params``, ``cache``, ``progress``, ``vectorize``, ``process_group``: as for
     ``BlockDiagCurvature``.
 
     Example:
@@ -485,7 +506,7 @@ def block_product_callables(model: nn.Module, loss_fn: nn.Module, data, curvatur
     _check_choice(curvature, CURVATURES + tuple(QUANTITY_CURVATURES), "curvature")
     op = BlockDiagCurvature(model, loss_fn, data, curvature=curvature, blocks="parameter",
                             params=params, cache=cache, progress=progress,
-                            vectorize=vectorize)
+                            vectorize=vectorize, process_group=process_group)
     out = {}
     for block, names in zip(op.blocks, op.block_names):
         (name,) = names

@@ -151,7 +151,7 @@ class _Collector:
         sets = set() if key == "grad" else {key}
         value, count, grad, output = 0.0, 0, None, None
         for X, y in batches:
-            plan, loss_state, out, N = eng.prepare(X, y, sets, gen)
+            plan, loss_state, out, N = eng.prepare(X, y, sets, gen, param_grad=True)
             output = out.detach() if batches.single else None
             pieces = {p: [] for p in eng.names}
             for p in eng.names:
@@ -344,9 +344,12 @@ class KFAC(BlockDiag):
         seed = seed if seed is None else rank_seed(seed, group)
         col = _Collector(unwrap_ddp(model, group), loss_fn, params, fisher, mc_samples, seed,
                          kfac_approx, kfra, unsupported)
-        sums, guard = group_sums(group, col.engine, "KFAC")
+        sums, guard = group_sums(group, col.engine, type(self).__name__)
         with guard:
             factors, info = col.run(data, progress, sums=sums)
+        #: the process group the factors were reduced over (None: one process); EKFAC's
+        #: refit (run while the blocks are built) reduces over it too
+        self._group = group
         names = [p for p in col.engine.names if info["kinds"][p] != "dropped"]
         if not names:
             raise ValueError("No parameter left: every one was dropped (unsupported='drop').")
@@ -421,7 +424,9 @@ class EKFAC(KFAC):
     ``(Q_G ⊗ Q_A) diag(s) (Q_G ⊗ Q_A)ᵀ`` (``linops.KroneckerEigen``): the diagonal in that
     basis closest to the block in Frobenius norm, hence never farther than K-FAC. Biases
     and dense blocks as in ``KFAC``. Costs a second pass over the data (the refit needs
-    the eigenbasis). Arguments as ``KFAC`` (``kfra`` excepted).
+    the eigenbasis). Arguments as ``KFAC`` (``kfra`` excepted); with ``process_group=``
+    the factors and then the refitted diagonals are all-reduced (one all-reduce after each
+    pass), so the operator is the one-process EKFAC of the union of the shards.
 
     Example:
         >>> import torch
@@ -435,13 +440,14 @@ class EKFAC(KFAC):
 
     def __init__(self, model, loss_fn, data, *, fisher: str = "mc", mc_samples: int = 1,
                  seed: int | None = None, kfac_approx: str = "expand", params=None,
-                 unsupported: str = "dense", progress: bool = False):
+                 unsupported: str = "dense", progress: bool = False, process_group=None):
         self._eigen = {}
         self._data = data
         self._args = (model, loss_fn, params, fisher, mc_samples, seed, kfac_approx)
         super().__init__(model, loss_fn, data, fisher=fisher, mc_samples=mc_samples,
                          seed=seed, kfac_approx=kfac_approx, params=params,
-                         unsupported=unsupported, progress=progress)
+                         unsupported=unsupported, progress=progress,
+                         process_group=process_group)
 
     def _block(self, p, kind):
         if kind != "weight":
@@ -456,22 +462,30 @@ class EKFAC(KFAC):
         for p, fs in self.factors.items():
             if len(fs) == 2:
                 bases[p] = [torch.linalg.eigh((f + f.mT) / 2)[1] for f in fs]
-        eng = Engine(model, loss_fn, params, mc_samples=mc_samples, seed=seed)
+        group = self._group  # set by KFAC.__init__ before the blocks are built
+        seed = seed if seed is None else rank_seed(seed, group)
+        eng = Engine(unwrap_ddp(model, group), loss_fn, params, mc_samples=mc_samples,
+                     seed=seed)
         key = _FISHER[fisher]
         sets = set() if key == "grad" else {key}
-        gen = eng.new_generator()
         acc, count = {p: None for p in bases}, 0
-        for X, y in Batches(self._data, eng.device):
-            plan, loss_state, out, N = eng.prepare(X, y, sets, gen)
-            for p, (QG, QA) in bases.items():
-                total = None
-                for i, r, rule, _ in plan.uses[p]:
-                    a, g = _layer_inputs(r, rule, plan.cots[key][i])
-                    # per-sample gradients in the eigenbasis, Σₜ (Q_Gᵀ gₜ)(Q_Aᵀ aₜ)ᵀ
-                    part = torch.einsum("mnto,nti->mnoi", g @ QG, a @ QA)
-                    total = part if total is None else total + part
-                s = (total * total).sum((0, 1))
-                acc[p] = s if acc[p] is None else acc[p] + s
-            count = count + eng.loss_curv.count(loss_state)
+        sums, guard = group_sums(group, eng, "EKFAC's refit of the diagonal")
+        with guard:
+            gen = eng.new_generator()
+            for X, y in Batches(self._data, eng.device):
+                plan, loss_state, out, N = eng.prepare(X, y, sets, gen)
+                for p, (QG, QA) in bases.items():
+                    total = None
+                    for i, r, rule, _ in plan.uses[p]:
+                        a, g = _layer_inputs(r, rule, plan.cots[key][i])
+                        # per-sample gradients in the eigenbasis, Σₜ (Q_Gᵀ gₜ)(Q_Aᵀ aₜ)ᵀ
+                        part = torch.einsum("mnto,nti->mnoi", g @ QG, a @ QA)
+                        total = part if total is None else total + part
+                    s = (total * total).sum((0, 1))
+                    acc[p] = s if acc[p] is None else acc[p] + s
+                count = count + eng.loss_curv.count(loss_state)
+            if sums is not None:  # data-parallel: one all-reduce of the diagonals and count
+                red = sums.reduce([acc[p] for p in bases] + [count])
+                acc, count = dict(zip(bases, red[:-1])), red[-1]
         c = float(count) if eng.loss_curv.reduction == "mean" else 1.0
         return {p: KroneckerEigen(bases[p], (acc[p] / c).reshape(-1)) for p in bases}

@@ -16,6 +16,13 @@ import torch
 from torch import nn
 
 from linops.curvature import loss_curvature
+from linops.curvature._distributed import (
+    Collective,
+    on_every_rank,
+    resolve_group,
+    shared_seed,
+    unwrap_ddp,
+)
 
 __all__ = ["CurvatureOptimizer", "positive", "in_unit_interval", "positive_int_or_none",
            "non_negative"]
@@ -78,6 +85,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             own hyper-parameters), as for any ``torch.optim.Optimizer``.
         defaults: the hyper-parameters of the groups that do not set them.
         allow_train_mode: step even when dropout or batch norm modules are in training mode.
+        process_group: a ``torch.distributed`` process group over whose ranks each batch is
+            sharded: every rank calls ``opt.step`` with its shard, the curvature, loss and
+            gradient are those of the union of the shards (``process_group=`` of the
+            curvature operators, one all-reduce per product), and every rank takes the same
+            step, so the replicas stay equal. A ``DistributedDataParallel`` model is
+            unwrapped (``model.module``). An unseeded step seed (``seed=None``) is drawn on
+            rank 0 and shared. None: one process.
 
     ``opt.step((X, y))`` returns ``(loss, outputs)``: the batch's loss at the parameters
     before the step (0-dim, detached) and the model's outputs on ``X`` (detached), both
@@ -91,11 +105,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     _checks: dict = {}
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, params, defaults: dict, *,
-                 allow_train_mode: bool = False):
+                 allow_train_mode: bool = False, process_group=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}. "
                             f"{type(self).__name__} is built as {type(self).__name__}(model, "
                             "loss_fn, lr=...).")
+        #: the process group the batches are sharded over (None: one process)
+        self.process_group = resolve_group(process_group)  # raises at once on misuse
+        model = unwrap_ddp(model, self.process_group)
         loss_curvature(loss_fn)  # raises on an unsupported loss or reduction
         if not isinstance(allow_train_mode, bool):
             raise TypeError(f"allow_train_mode must be True or False; got {allow_train_mode!r}.")
@@ -185,9 +202,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def step(self, batch):
         """One step on ``batch = (X, y)``; returns ``(loss, outputs)`` before the update."""
-        X, y = self._check_batch(batch)
-        self._check_mode()
-        chosen = self._trainable()
+
+        def checks():
+            X, y = self._check_batch(batch)
+            self._check_mode()
+            return X, y, self._trainable()
+
+        # over a process group a rank whose batch is refused makes every rank raise
+        X, y, chosen = on_every_rank(self.process_group, checks,
+                                     f"{type(self).__name__}.step", self._device())
         for _, p, _ in chosen:
             state = self.state[p]
             state["step"] = state.get("step", torch.zeros((), dtype=torch.float32)) + 1
@@ -205,6 +228,67 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return max(counts, default=0)
 
     # ------------------------------------------------------------------ helpers
+    def _device(self) -> torch.device:
+        first = next(iter(self.model.parameters()), None)
+        return first.device if first is not None else torch.device("cpu")
+
+    def _step_seed(self, seed):
+        """The seed of this step's Monte-Carlo draws: ``seed + t − 1`` at step t, or, for
+        ``seed=None``, one drawn from torch's global generator (on rank 0 and shared by
+        every rank over a process group)."""
+        if seed is not None:
+            return seed + self.steps - 1
+        if self.process_group is not None:
+            return shared_seed(self.process_group, self._device())
+        return int(torch.randint(0, 2**31 - 1, ()).item())
+
+    def _loss_and_gradient(self, X, y, params: list | None):
+        """``(loss, flat gradient in params or None, outputs)`` of ``loss_fn(model(X), y)``
+        by one plain forward (and backward) pass; over a process group the loss and
+        gradient are those of the union of the shards (the mean over the global number of
+        terms, one all-reduce) and a rank that raises makes every rank raise."""
+        device = self._device()
+        Xd = X.to(device) if isinstance(X, torch.Tensor) else X
+        yd = y.to(device)
+        if self.process_group is None:
+            with torch.enable_grad() if params else torch.no_grad():
+                outputs = self.model(Xd)
+                value = self.loss_fn(outputs, yd)
+            g = None
+            if params:
+                grads = torch.autograd.grad(value, params, allow_unused=True,
+                                            materialize_grads=True)
+                g = torch.cat([gr.reshape(-1) for gr in grads]).detach()
+            return value.detach(), g, outputs.detach()
+        curv = loss_curvature(self.loss_fn)
+        n = sum(p.numel() for p in params) if params else 0
+        got = {}
+
+        def local():
+            with torch.enable_grad() if params else torch.no_grad():
+                outputs = self.model(Xd)
+                state = curv.prepare(outputs, yd)
+                summed = curv.summed_loss(outputs, yd, state)
+            parts = [summed.detach().reshape(1)]
+            if params:
+                grads = torch.autograd.grad(summed, params, allow_unused=True,
+                                            materialize_grads=True)
+                parts = [gr.reshape(-1) for gr in grads] + parts
+            got["outputs"] = outputs.detach()
+            return torch.cat(parts), curv.count(state)
+
+        dtype = params[0].dtype if params else next(self.model.parameters()).dtype
+        flat, total, _ = Collective(self.process_group, dtype, device).sum(
+            local, n + 1, f"{type(self).__name__}: the loss")
+        flat = flat.to(dtype)
+        if curv.reduction == "mean":
+            if float(total) == 0:
+                raise ValueError("Every target on every rank is ignore_index: the loss has "
+                                 "no term.")
+            flat = flat / float(total)
+        g = flat[:n].detach() if params else None
+        return flat[n].detach(), g, got["outputs"]
+
     def _write(self, chosen, direction: torch.Tensor, sign: float = 1.0) -> None:
         """``p ← p + sign · lr_group · direction[p]`` for a flat direction in ``chosen``'s
         order."""

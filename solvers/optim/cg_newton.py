@@ -82,6 +82,12 @@ class CGNewton(CurvatureOptimizer):
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` for a block whose CG did not
             converge.
         allow_train_mode: step even with dropout or batch norm in training mode.
+        process_group: a ``torch.distributed`` process group: each rank steps on its shard
+            of the batch and the curvature (every operator above takes ``process_group=``:
+            one all-reduce per product, of all the blocks' columns at once), the loss and
+            the gradient are those of the union of the shards; CG then runs identically on
+            every rank, and ``adapt_damping``'s new loss is reduced the same way (one
+            all-reduce). ``outputs`` are this rank's. None: one process.
 
     The defaults are the tutorial's: ``lr=0.1``, ``alpha=0.02``, ``cg_tol=0.1``,
     ``cg_atol=0``, ``cg_maxiter=50``.
@@ -115,7 +121,8 @@ class CGNewton(CurvatureOptimizer):
                  cg_tol: float = 0.1, cg_atol: float = 0.0, cg_maxiter: int | None = 50, *,
                  curvature: str = "ggn", blocks: str = "parameter",
                  approximation: str = "exact", adapt_damping: bool = False, params=None,
-                 on_failure: str = "warn", allow_train_mode: bool = False):
+                 on_failure: str = "warn", allow_train_mode: bool = False,
+                 process_group=None):
         for name, value, allowed in (("curvature", curvature, CURVATURES),
                                      ("blocks", blocks, BLOCKS),
                                      ("approximation", approximation, APPROXIMATIONS)):
@@ -141,7 +148,7 @@ class CGNewton(CurvatureOptimizer):
         super().__init__(model, loss_fn, params,
                          dict(lr=lr, alpha=alpha, cg_tol=cg_tol, cg_atol=cg_atol,
                               cg_maxiter=cg_maxiter),
-                         allow_train_mode=allow_train_mode)
+                         allow_train_mode=allow_train_mode, process_group=process_group)
         if adapt_damping:
             bad = [g["alpha"] for g in self.param_groups if not 0 < g["alpha"] < 1]
             if bad:
@@ -178,17 +185,20 @@ class CGNewton(CurvatureOptimizer):
     def _curvature(self, X, y, named):
         """The curvature operator of the batch, in ``named``'s flat layout."""
         cv = linops.curvature
+        group = self.process_group
         if self.approximation != "exact":
             return cv.KFAC(self.model, self.loss_fn, (X, y), fisher="exact",
-                           kfra=self.approximation == "kfra", params=named)
+                           kfra=self.approximation == "kfra", params=named,
+                           process_group=group)
         if self.curvature in ("pch-abs", "pch-clip"):
             return cv.BlockDiagCurvature(self.model, self.loss_fn, (X, y),
                                          curvature=self.curvature,
                                          blocks="layer" if self.blocks == "layer"
-                                         else "parameter", params=named)
+                                         else "parameter", params=named,
+                                         process_group=group)
         kind = cv.GGN if self.curvature == "ggn" else cv.Hessian
         return kind(self.model, self.loss_fn, (X, y), params=named,
-                    allow_train_mode=self.allow_train_mode)
+                    allow_train_mode=self.allow_train_mode, process_group=group)
 
     def _update(self, chosen, batch):
         X, y = batch
@@ -303,9 +313,7 @@ class CGNewton(CurvatureOptimizer):
         warnings.warn(msg, NotConvergedWarning, stacklevel=4)
 
     def _adapt(self, chosen, model_decrease, loss, X, y, device, last) -> None:
-        with torch.no_grad():
-            Xd = X.to(device) if isinstance(X, torch.Tensor) else X
-            new_loss = float(self.loss_fn(self.model(Xd), y.to(device)))
+        new_loss = float(self._loss_and_gradient(X, y, None)[0])  # over every shard
         alpha = chosen[0][2]["alpha"]
         rho = float("nan")
         if model_decrease < 0:

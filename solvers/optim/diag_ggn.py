@@ -36,6 +36,11 @@ class DiagGGN(CurvatureOptimizer):
             parameter groups with their own ``lr`` and ``damping``.
         allow_train_mode: step even with dropout or batch norm in training mode (the
             optimizer's check; the curvature engine may still refuse).
+        process_group: a ``torch.distributed`` process group: each rank steps on its shard
+            of the batch; the diagonal, loss and gradient are those of the union of the
+            shards (``linops.curvature.DiagGGN(process_group=...)``: one all-reduce per
+            step; rank r draws with ``seed + r·2³²``, and ``seed=None`` shares rank 0's);
+            ``outputs`` are this rank's. None: one process.
 
     ``opt.step((X, y))`` returns ``(loss, outputs)`` before the update. ``opt.last``:
     ``diag_min``, ``diag_max``, ``diag_mean`` (of ``diag(G)``), ``grad_norm``,
@@ -46,7 +51,7 @@ class DiagGGN(CurvatureOptimizer):
 
     def __init__(self, model, loss_fn, lr: float = 0.05, damping: float = 1.0, *,
                  curvature: str = "mc", mc_samples: int = 1, seed: int | None = None,
-                 params=None, allow_train_mode: bool = False):
+                 params=None, allow_train_mode: bool = False, process_group=None):
         if curvature not in ("mc", "exact"):
             raise ValueError(f"curvature must be 'mc' (Monte-Carlo, BackPACK's DiagGGNMC) or "
                              f"'exact' (DiagGGNExact); got {curvature!r}.")
@@ -61,19 +66,17 @@ class DiagGGN(CurvatureOptimizer):
         self.mc_samples = mc_samples
         self.seed = seed
         super().__init__(model, loss_fn, params, dict(lr=lr, damping=damping),
-                         allow_train_mode=allow_train_mode)
+                         allow_train_mode=allow_train_mode, process_group=process_group)
 
     def _update(self, chosen, batch):
         engine = linops.curvature.DiagGGN
         named = {n: p for n, p, _ in chosen}
         seed = None
         if self.curvature == "mc":
-            if self.seed is None:
-                seed = int(torch.randint(0, 2**31 - 1, ()).item())
-            else:
-                seed = self.seed + self.steps - 1
+            seed = self._step_seed(self.seed)
         D = engine(self.model, self.loss_fn, batch, params=named,
-                   mc_samples=self.mc_samples if self.curvature == "mc" else None, seed=seed)
+                   mc_samples=self.mc_samples if self.curvature == "mc" else None, seed=seed,
+                   process_group=self.process_group)
         diag = D.d if isinstance(D, linops.Diagonal) else D.diag()
         g = D.gradient
         damping = torch.cat([torch.full((p.numel(),), grp["damping"], dtype=g.dtype,

@@ -56,7 +56,8 @@ class GaussNewton(CurvatureOptimizer):
         allow_train_mode: step even with dropout or batch norm in training mode.
         process_group: a ``torch.distributed`` process group: each rank steps on its shard
             of the batch and the curvature, loss and gradient are those of the union of the
-            shards (see ``linops.curvature.CurvatureOperator``); None: one process.
+            shards (see ``linops.curvature.CurvatureOperator``; with ``seed=None`` each step's
+            seed is drawn on rank 0 and shared); None: one process.
 
     ``opt.step((X, y))`` returns ``(loss, outputs)`` before the update. ``opt.last``:
     ``solution`` (the solver's record, or None for a structural solve), ``iterations``,
@@ -97,10 +98,9 @@ class GaussNewton(CurvatureOptimizer):
         self.fisher = fisher
         self.mc_samples = mc_samples
         self.seed = seed
-        self.process_group = process_group
         self.alg = CG(tol=1e-3, max_iters=20) if alg is None else alg
         super().__init__(model, loss_fn, params, dict(lr=lr, damping=damping),
-                         allow_train_mode=allow_train_mode)
+                         allow_train_mode=allow_train_mode, process_group=process_group)
         # check alg now, not at the first step
         inv(PSD(Diagonal(torch.ones(1))), alg=self.alg)
 
@@ -109,10 +109,7 @@ class GaussNewton(CurvatureOptimizer):
         named = {n: p for n, p, _ in chosen}
         seed = None
         if self.mc_samples is not None:
-            if self.seed is None:
-                seed = int(torch.randint(0, 2**31 - 1, ()).item())
-            else:
-                seed = self.seed + self.steps - 1
+            seed = self._step_seed(self.seed)
             C = linops.curvature.MCFisher(self.model, self.loss_fn, (X, y), params=named,
                                           mc_samples=self.mc_samples, seed=seed,
                                           allow_train_mode=self.allow_train_mode,

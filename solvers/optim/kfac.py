@@ -35,6 +35,11 @@ class KFAC(CurvatureOptimizer):
         seed: the draws' seed: refresh at step t (from 1) uses ``seed + t − 1``; None draws
             it from torch's global generator.
         params, allow_train_mode: as ``DiagGGN``.
+        process_group: a ``torch.distributed`` process group: each rank steps on its shard
+            of the batch; the factors (at a refresh), the loss and the gradient (at every
+            step) are those of the union of the shards, one all-reduce each, so every rank
+            caches the same inverse and takes the same step (``seed`` as ``DiagGGN``'s).
+            None: one process.
 
     The cached inverse is not part of ``state_dict()``: after ``load_state_dict`` the next
     step refreshes it. ``opt.last``: ``refreshed`` (bool), ``grad_norm``, ``step_norm``,
@@ -46,7 +51,8 @@ class KFAC(CurvatureOptimizer):
     def __init__(self, model, loss_fn, lr: float = 1e-2, damping: float = 1e-3, *,
                  update_every: int = 10, fisher: str = "mc", mc_samples: int = 1,
                  damping_kind: str = "exact", kfac_approx: str = "expand",
-                 seed: int | None = None, params=None, allow_train_mode: bool = False):
+                 seed: int | None = None, params=None, allow_train_mode: bool = False,
+                 process_group=None):
         if isinstance(update_every, bool) or not isinstance(update_every, int) or (
                 update_every < 1):
             raise ValueError(f"update_every must be a positive integer (steps between "
@@ -60,7 +66,7 @@ class KFAC(CurvatureOptimizer):
         self.damping_kind, self.kfac_approx, self.seed = damping_kind, kfac_approx, seed
         self._inverse = None
         super().__init__(model, loss_fn, params, dict(lr=lr, damping=damping),
-                         allow_train_mode=allow_train_mode)
+                         allow_train_mode=allow_train_mode, process_group=process_group)
         # the operator's checks (fisher, kfac_approx, mc_samples) at once, not at step 1
         from linops.curvature.kfac import _check
 
@@ -84,22 +90,16 @@ class KFAC(CurvatureOptimizer):
         seed = None
         if refresh:
             if self.fisher == "mc":
-                seed = (int(torch.randint(0, 2**31 - 1, ()).item()) if self.seed is None
-                        else self.seed + t - 1)
+                seed = self._step_seed(self.seed)
             K = linops.curvature.KFAC(self.model, self.loss_fn, batch, fisher=self.fisher,
                                       mc_samples=self.mc_samples, seed=seed,
-                                      kfac_approx=self.kfac_approx, params=named)
+                                      kfac_approx=self.kfac_approx, params=named,
+                                      process_group=self.process_group)
             self._inverse = inv(K.damped(damping, self.damping_kind))
             loss, g, outputs = K.loss, K.gradient, K.output
         else:
             X, y = batch
-            with torch.enable_grad():
-                outputs = self.model(X)
-                value = self.loss_fn(outputs, y)
-                grads = torch.autograd.grad(value, [p for _, p, _ in chosen],
-                                            allow_unused=True, materialize_grads=True)
-            g = torch.cat([gr.reshape(-1) for gr in grads]).detach()
-            loss = value.detach()
+            loss, g, outputs = self._loss_and_gradient(X, y, [p for _, p, _ in chosen])
         direction = self._inverse @ g
         self._write(chosen, direction, sign=-1.0)
         last = dict(refreshed=refresh, grad_norm=float(torch.linalg.vector_norm(g)),
