@@ -12,6 +12,10 @@ next to the local result, what the ranks must agree on:
   ``P Σ s² = (Σ s)²`` holds only when every rank multiplied the same vector, so a solver
   whose random start differs across ranks is caught at its first product, on every rank.
 
+The solvers' unseeded random starts (``Lanczos()``, ``LOBPCG()``, ``PowerIteration()``) do
+not differ: ``solvers.eig`` finds the process group in the operator's expression
+(``operator_group``) and runs with a seed drawn on rank 0 and shared (``shared_seed``).
+
 The build runs one more collective, once: a ``MAX`` all-reduce of ``[c, −c]`` for a
 fixed-length vector ``c`` (numel, dtype, three checksums of the parameters, the
 non-batch shape of the first batch), with the per-rank failure flags and term counts in

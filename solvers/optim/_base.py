@@ -91,7 +91,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             curvature operators, one all-reduce per product), and every rank takes the same
             step, so the replicas stay equal. A ``DistributedDataParallel`` model is
             unwrapped (``model.module``). An unseeded step seed (``seed=None``) is drawn on
-            rank 0 and shared. None: one process.
+            rank 0 and shared. Each step first agrees, by one all-reduce of 1 + P numbers,
+            that every rank accepted its batch (a rank that refuses it makes every rank
+            raise). None: one process.
 
     ``opt.step((X, y))`` returns ``(loss, outputs)``: the batch's loss at the parameters
     before the step (0-dim, detached) and the model's outputs on ``X`` (detached), both
