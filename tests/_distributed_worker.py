@@ -295,6 +295,17 @@ def kronecker_blocks_optimizers(rank, world, group, model, loss, local, res, err
         lambda: opt.step(batch if rank == 0 else bad[0]))
     errors["an optimizer with a bad process group"] = caught(
         lambda: solvers.optim.DiagGGN(mlp(), loss, process_group="world"))
+    drift = mlp()  # replicas that drifted apart: the layer-wise passes check them too
+    if rank == 1:
+        with torch.no_grad():
+            drift[0].bias[0] += 1e-9
+    from linops.curvature import KFAC
+
+    errors["parameters differ in KFAC"] = caught(
+        lambda: KFAC(drift, loss, local, fisher="exact", process_group=group))
+    errors["parameters differ in a DiagGGN optimizer step"] = caught(
+        lambda: solvers.optim.DiagGGN(drift, loss, curvature="exact",
+                                      process_group=group).step(batch))
     torch.manual_seed(300 + rank)  # (mlp() above seeded every rank alike)
     errors["a product with vectors from the global generator"] = caught(
         lambda: G @ torch.randn(n))

@@ -102,6 +102,9 @@ def test_every_rank_raises(ranks):
         said = errs["a product with vectors from the global generator"]
         assert "multiplied different vectors" in said and "broadcast" in said, said
         assert errs["an optimizer with a bad process group"].startswith("TypeError")
+        for key in ("parameters differ in KFAC",
+                    "parameters differ in a DiagGGN optimizer step"):
+            assert errs[key].startswith("ValueError") and "different parameters" in errs[key]
         assert errs["parameters differ"].startswith("ValueError")
         assert "different parameters" in errs["parameters differ"]
         assert "non-batch dimensions" in errs["batch shapes differ"]

@@ -171,12 +171,35 @@ def group_sums(group, engine, what: str):
     process), and the context to run the pass in."""
     if group is None:
         return None, contextlib.nullcontext()
-    sums = GroupSums(group, engine.dtype, engine.device, what)
+    sums = GroupSums(group, engine.dtype, engine.device, what,
+                     params=list(engine.tensors.values()))
     return sums, sums.guard()
 
 
 def _message(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
+
+
+def _param_checksums(tensors) -> list[float]:
+    """``[numel, wᵀθ, θᵀθ, rᵀ|θ|]`` of the parameters θ flattened (w fixed random, r a
+    ramp): equal on every rank exactly when the ranks hold the same parameters (up to a
+    coincidence the three sums would have to share)."""
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+    n = flat.numel()
+    g = torch.Generator(device="cpu").manual_seed(777)
+    w = torch.randn(n, generator=g, dtype=torch.float64).to(flat.device)
+    ramp = torch.linspace(1.0, 2.0, n, dtype=torch.float64, device=flat.device)
+    return [float(n), float(w @ flat), float(flat @ flat), float(ramp @ flat.abs())]
+
+
+def _different_parameters(what: str, lo: float, hi: float) -> ValueError:
+    return ValueError(
+        f"The ranks of the process group hold different parameters ({what} ranges from "
+        f"{lo:.17g} to {hi:.17g}): the operator would mix curvatures of different models. "
+        "Broadcast them from rank 0 before building (DistributedDataParallel(model) does it "
+        "when it is built; or torch.distributed.broadcast(p, 0) for every parameter), or "
+        "seed the model's initialization alike on every rank."
+    )
 
 
 class Collective:
@@ -318,14 +341,7 @@ class Collective:
         if bad:
             first = bad[0]
             if first < 6:
-                raise ValueError(
-                    f"The ranks of the process group hold different parameters ({names[first]} "
-                    f"ranges from {float(lo[first]):.17g} to {float(hi[first]):.17g}): the "
-                    "operator would mix curvatures of different models. Broadcast them from "
-                    "rank 0 before building (DistributedDataParallel(model) does it when it is "
-                    "built; or torch.distributed.broadcast(p, 0) for every parameter), or seed "
-                    "the model's initialization alike on every rank."
-                )
+                raise _different_parameters(names[first], float(lo[first]), float(hi[first]))
             raise ValueError(
                 f"The ranks' batches disagree in their non-batch dimensions ({names[first]} "
                 f"ranges from {int(lo[first])} to {int(hi[first])}; -1: no such dimension): "
@@ -337,14 +353,9 @@ class Collective:
     def _build_vector(self, op) -> torch.Tensor:
         space = op.param_space
         tensors = [op.params[nm].detach() for nm in space.names] + list(op._frozen.values())
-        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
-        n = flat.numel()
-        g = torch.Generator(device="cpu").manual_seed(777)
-        w = torch.randn(n, generator=g, dtype=torch.float64).to(flat.device)
-        ramp = torch.linspace(1.0, 2.0, n, dtype=torch.float64, device=flat.device)
+        n, s1, s2, s3 = _param_checksums(tensors)
         code = _DTYPES.index(op.dtype) if op.dtype in _DTYPES else -1
-        head = [float(n), float(len(space.names)), float(code), float(w @ flat),
-                float(flat @ flat), float(ramp @ flat.abs())]
+        head = [n, float(len(space.names)), float(code), s1, s2, s3]
         X, y = next(iter(op.data))  # the first batch (a DataLoader loads one)
         is_tensor = isinstance(X, torch.Tensor)
         head += [float(is_tensor), 0.0]
@@ -363,35 +374,51 @@ class GroupSums:
     layer-wise engine (``quantities``, ``DiagGGN``, ``KFAC``): the pass runs inside
     ``with sums.guard():`` and calls ``sums.reduce(tensors)`` once, after its loop.
 
-    ``reduce`` costs two all-reduces per pass: a ``MAX`` of P + 2 numbers (the per-rank
-    failure flags and the buffer's size, which must agree), then the ``SUM`` of the
-    tensors flattened into one buffer. A rank whose pass raises before ``reduce`` joins
-    the first one with its flag set from ``guard``, so every rank raises (see
-    ``Collective``) instead of waiting.
+    ``reduce`` costs two all-reduces per pass: a ``MAX`` of P + 10 numbers (the per-rank
+    failure flags, the buffer's size and checksums of ``params``, the model's parameters,
+    which must agree), then the ``SUM`` of the tensors flattened into one buffer. A rank
+    whose pass raises before ``reduce`` joins the first one with its flag set from
+    ``guard``, so every rank raises (see ``Collective``) instead of waiting.
     """
 
-    def __init__(self, group, dtype: torch.dtype, device: torch.device, what: str):
+    def __init__(self, group, dtype: torch.dtype, device: torch.device, what: str,
+                 params=None):
         self.collective = Collective(group, dtype, device)
         self.what = what
+        self._params = list(params) if params else []
         self._done = False
 
     def _agree(self, size: int, err: BaseException | None) -> None:
         import torch.distributed as dist
 
         c = self.collective
-        buf = torch.zeros(c.size + 2, dtype=torch.float64, device=c.device)
+        sums = [0.0] * 4
+        if err is None and self._params:
+            try:
+                sums = _param_checksums(self._params)
+            except Exception as e:  # noqa: BLE001 - raised on every rank below
+                err = e
+        head = [0.0] * c.size
         if err is not None:
-            buf[c.rank] = 1.0
-        buf[c.size], buf[c.size + 1] = float(size), -float(size)
+            head[c.rank] = 1.0
+        vals = [float(size)] + sums
+        buf = torch.tensor(head + vals + [-v for v in vals], dtype=torch.float64,
+                           device=c.device)
         dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=c.group)
         buf = buf.cpu()
         c._raise_failed(buf[:c.size], err, self.what)
-        if float(buf[c.size]) != -float(buf[c.size + 1]):
+        hi, lo = buf[c.size:c.size + 5], -buf[c.size + 5:]
+        if float(hi[0]) != float(lo[0]):
             raise ValueError(
-                f"{self.what}: the ranks accumulated different quantities ({int(-buf[c.size + 1])} "
-                f"to {int(buf[c.size])} numbers): the ranks must hold the same model and "
+                f"{self.what}: the ranks accumulated different quantities ({int(lo[0])} "
+                f"to {int(hi[0])} numbers): the ranks must hold the same model and "
                 "parameters and ask for the same names."
             )
+        names = ["the number of parameters", "the parameters (checksum 1)",
+                 "the parameters (checksum 2)", "the parameters (checksum 3)"]
+        for i, name in enumerate(names, start=1):
+            if float(hi[i] - lo[i]) > 1e-12 * float(max(hi[i].abs(), lo[i].abs())):
+                raise _different_parameters(name, float(lo[i]), float(hi[i]))
 
     def reduce(self, tensors: list) -> list:
         """The sums over the ranks of ``tensors`` (tensors, Python numbers or None, which
