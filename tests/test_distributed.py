@@ -171,3 +171,27 @@ def test_process_group_not_initialized():
 
     with pytest.raises(ValueError, match="init_process_group"):
         GGN(model, nn.CrossEntropyLoss(), data, process_group=Fake())
+
+
+def test_new_paths_refuse_an_uninitialized_group_at_once():
+    """EKFAC, BlockDiagCurvature and the optimizers check process_group= when built."""
+    if dist.is_initialized():
+        pytest.skip("this process has a default group")
+    import solvers
+    from linops.curvature import EKFAC, BlockDiagCurvature
+
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2))
+    loss = nn.CrossEntropyLoss()
+    data = (torch.randn(4, 2), torch.randint(0, 2, (4,)))
+
+    class Fake:
+        pass
+
+    builds = [lambda g: EKFAC(model, loss, data, fisher="exact", process_group=g),
+              lambda g: BlockDiagCurvature(model, loss, data, process_group=g)]
+    builds += [lambda g, cls=cls: cls(model, loss, process_group=g)
+               for cls in (solvers.optim.CGNewton, solvers.optim.DiagGGN,
+                           solvers.optim.KFAC, solvers.optim.GaussNewton)]
+    for build in builds:
+        with pytest.raises(ValueError, match="init_process_group"):
+            build(Fake())
