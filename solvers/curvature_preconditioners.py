@@ -63,13 +63,16 @@ def curvature_preconditioner(G: CurvatureOperator, kind: str = "kfac", damping: 
                          f"must exist); got {damping!r}.")
     data = G.data._data[0] if G.data.single else G.data._data
     args = (G.model, G.loss_fn, data)
+    # the same process group as G: every rank builds the one preconditioner of the union
+    # of the shards (else each would precondition with its own and CG would diverge)
+    group = dict(params=G.params, process_group=getattr(G, "_group", None))
     if kind in ("diag", "diag-mc"):
-        C = DiagGGN(*args, params=G.params,
-                    mc_samples=None if kind == "diag" else mc_samples, seed=seed)
+        C = DiagGGN(*args, **group, mc_samples=None if kind == "diag" else mc_samples,
+                    seed=seed)
     elif kind == "ekfac":
-        C = EKFAC(*args, params=G.params, fisher="exact")
+        C = EKFAC(*args, **group, fisher="exact")
     else:
-        C = KFAC(*args, params=G.params, fisher="exact" if kind == "kfac" else "mc",
+        C = KFAC(*args, **group, fisher="exact" if kind == "kfac" else "mc",
                  mc_samples=mc_samples, seed=seed)
     if C.shape != G.shape:
         raise ValueError(f"The approximation has shape {C.shape} but G has {G.shape}.")

@@ -375,6 +375,18 @@ def main(rank: int, world: int, port: int, out: str) -> None:
     x = solvers.inv(G + 1e-3 * linops.I_like(G), alg=cg) @ G.gradient
     xr = solvers.inv(R + 1e-3 * linops.I_like(R), alg=cg) @ R.gradient
     res["CG solve"] = (x, xr)
+    # curvature preconditioners built from a distributed G take its process group: the one
+    # preconditioner of the whole data on every rank, and CG with it as in one process
+    v = torch.linspace(-1, 1, n, dtype=torch.float64)
+    for kind in ("diag", "kfac", "ekfac"):
+        P = solvers.curvature_preconditioner(G, kind, damping=0.1)
+        Pr = solvers.curvature_preconditioner(R, kind, damping=0.1)
+        res[f"curvature_preconditioner {kind}: product"] = (P @ v, Pr @ v)
+    pcg = solvers.CG(tol=1e-12, max_iters=200, preconditioner=P)
+    pcg_r = solvers.CG(tol=1e-12, max_iters=200, preconditioner=Pr)
+    res["preconditioned CG solve (ekfac)"] = (
+        solvers.inv(G + 1e-3 * linops.I_like(G), alg=pcg) @ G.gradient,
+        solvers.inv(R + 1e-3 * linops.I_like(R), alg=pcg_r) @ R.gradient)
     lz = solvers.Lanczos(tol=1e-10, seed=0)
     res["eigmax"] = (solvers.eigmax(G, alg=lz), solvers.eigmax(R, alg=lz))
     ht = solvers.Hutchinson(samples=6, seed=0)

@@ -145,7 +145,9 @@ def test_kronecker_blocks_optimizers_and_unseeded_solvers_are_covered(ranks):
             "unseeded eigmax of BlockDiagCurvature (Lanczos)",
             "unseeded trace (Hutchinson)", "unseeded trace (XTrace)",
             "optimizer DiagGGN of a DDP model: parameters",
-            "optimizer DiagGGN mc, seed=None: the same seed on every rank"]
+            "optimizer DiagGGN mc, seed=None: the same seed on every rank",
+            "curvature_preconditioner diag: product", "curvature_preconditioner kfac: product",
+            "curvature_preconditioner ekfac: product", "preconditioned CG solve (ekfac)"]
     for opt in ("CGNewton ggn parameter", "CGNewton hessian layer", "CGNewton pch-abs",
                 "CGNewton kflr", "CGNewton full adapt_damping", "DiagGGN exact",
                 "KFAC exact", "KFAC empirical pi"):

@@ -101,9 +101,10 @@ class CurvatureOperator(LinearOperator):
             over the union of the shards, identically on every rank. The build checks once
             (one all-reduce of a few numbers) that every rank holds the same parameters and
             batches of the same non-batch shape; a rank that raises (at build or in a pass)
-            makes every rank raise. Solvers run unchanged on every rank, but their random
-            starts must be seeded alike (``Lanczos(seed=0)``): a product given different
-            vectors on different ranks raises. A ``DistributedDataParallel`` model is
+            makes every rank raise. Solvers run unchanged on every rank: an unseeded
+            randomized solver (Lanczos, LOBPCG, power iteration) takes one seed drawn on
+            rank 0 and shared, and a product given different vectors on different ranks
+            (a start vector of the user's own) raises. A ``DistributedDataParallel`` model is
             unwrapped (``model.module``; ``params`` names are the unwrapped model's). The
             Monte-Carlo Fisher draws with ``seed + rank·2³²`` on each rank.
 
