@@ -437,3 +437,16 @@ def test_devices(device):
                      ["grad_batch"])
     torch.testing.assert_close(q["grad_batch"]["3.bias"].cpu().double(),
                                ref["grad_batch"]["3.bias"], rtol=1e-4, atol=1e-6)
+
+
+def test_non_finite_outputs_are_reported_not_sampled():
+    """A diverged model (NaN parameters) raises a clear error in every pass of the engine,
+    instead of torch's sampler complaining about its probabilities (MC names) or NaN
+    quantities coming back silently."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    X, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    for names in (["diag_ggn_mc"], ["grad_batch"], ["kfac"]):
+        with pytest.raises(FloatingPointError, match="NaN or inf"):
+            quantities(model, nn.CrossEntropyLoss(), (X, y), names, seed=0)

@@ -175,6 +175,12 @@ class Engine:
         loss_state, output, N)``."""
         rec = self.record(X, activations)
         out = rec.output
+        if not bool(torch.isfinite(out.detach()).all()):
+            raise FloatingPointError(
+                "The model output holds NaN or inf values, so its curvature is undefined: "
+                "the parameters or the inputs are not finite (after an optimizer step, "
+                "lower lr or raise damping)."
+            )
         N = _num_samples(X, out)
         loss_state = self.loss_curv.prepare(out, y)
         plan = _Plan(self, rec, N)
