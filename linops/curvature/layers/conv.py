@@ -10,6 +10,7 @@ several, per group). Transposed convolutions, padding modes other than zeros and
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -28,22 +29,23 @@ _KERNEL_COLUMNS = 4
 
 def _unfold(m, x, groups):
     """The input patches ``(N, G, C_in/G · kernel, L)`` (the layout of ``F.unfold``, in 1,
-    2 or 3 dimensions): zero padding, then a strided view per spatial dimension
-    (``Tensor.unfold``; dilation by slicing the window), copied once into the layout.
-    Several times faster on CPU than ``F.unfold`` or a one-hot-kernel convolution."""
+    2 or 3 dimensions): zero padding, then one strided slice copy per kernel offset (for a
+    5×5 kernel 25 copies of (N, C, *L)). Several times faster on CPU than ``F.unfold``, a
+    one-hot-kernel convolution, or one copy of the ``Tensor.unfold`` view (whose innermost
+    runs are a few elements long)."""
     k, d = m.kernel_size, len(m.kernel_size)
     N, C = x.shape[0], x.shape[1]
     pad = [p for p in reversed(m.padding) for _ in range(2)]
     if any(pad):
         x = F.pad(x, pad)
-    for i in range(d):
-        dil = m.dilation[i]
-        x = x.unfold(2 + i, dil * (k[i] - 1) + 1, m.stride[i])
-        if dil > 1:
-            x = x[..., ::dil]
-    # (N, C, L₁..L_d, k₁..k_d) → (N, C, k₁..k_d, L₁..L_d)
-    x = x.permute(0, 1, *range(2 + d, 2 + 2 * d), *range(2, 2 + d))
-    return x.reshape(N, groups, (C // groups) * math.prod(k), -1)
+    L = [(x.shape[2 + i] - m.dilation[i] * (k[i] - 1) - 1) // m.stride[i] + 1
+         for i in range(d)]
+    out = torch.empty((N, C, *k, *L), dtype=x.dtype, device=x.device)
+    for offset in itertools.product(*(range(ki) for ki in k)):
+        window = tuple(slice(o * m.dilation[i], o * m.dilation[i] + m.stride[i] * (L[i] - 1)
+                             + 1, m.stride[i]) for i, o in enumerate(offset))
+        out[(slice(None), slice(None), *offset)] = x[(slice(None), slice(None), *window)]
+    return out.view(N, groups, (C // groups) * math.prod(k), -1)
 
 
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
