@@ -115,8 +115,26 @@ def record_forward(model: nn.Module, tensors: Mapping[str, torch.Tensor], names:
     return rec
 
 
+def _live_parameters(model, tensors, names):
+    """The model's own parameters when ``tensors`` are exactly them (the same storage) and
+    every differentiated one requires grad: the forward pass can then run on the model as it
+    is, with its parameters as the leaves, instead of through ``functional_call`` (which
+    swaps every parameter in and out: most of a small model's overhead). None otherwise."""
+    live = dict(model.named_parameters())
+    for n, t in tensors.items():
+        p = live.get(n)
+        if p is None or p.data_ptr() != t.data_ptr() or p.shape != t.shape \
+                or p.stride() != t.stride() or p.dtype != t.dtype:
+            return None
+    if len(live) != len(tensors) or not all(live[n].requires_grad for n in names):
+        return None
+    return live
+
+
 def _record(model, tensors, names, X, owners, activations, clone):
-    leaves = {n: tensors[n].detach().requires_grad_(True) for n in names}
+    live = _live_parameters(model, tensors, names)
+    leaves = ({n: live[n] for n in names} if live is not None
+              else {n: tensors[n].detach().requires_grad_(True) for n in names})
     layers, acts, handles, versions = [], [], [], []
 
     def layer_hook(module, args, kwargs, output):
@@ -153,7 +171,8 @@ def _record(model, tensors, names, X, owners, activations, clone):
                     handles.append(m.register_forward_pre_hook(act_pre_hook))
                     handles.append(m.register_forward_hook(act_hook))
         with torch.enable_grad():
-            out = torch.func.functional_call(model, {**tensors, **leaves}, (X,))
+            out = (model(X) if live is not None
+                   else torch.func.functional_call(model, {**tensors, **leaves}, (X,)))
     finally:
         for h in handles:
             h.remove()

@@ -168,7 +168,7 @@ class Engine:
         return rec
 
     def prepare(self, X, y, sets: set, generator, activations: bool = False,
-                grad: bool = True, param_grad: bool = False):
+                grad: bool = True, param_grad: bool = False, prescale: bool = False):
         """One batch's forward pass with records and the cotangent column sets (``"grad"``
         always, ``"exact"``: the loss Hessian's square root, ``"mc"``: sampled) back-
         propagated to every recorded layer in one batched pass. Returns ``(plan,
@@ -193,10 +193,17 @@ class Engine:
             cols["mc"] = self.loss_curv.sampled_residuals(loss_state, S, generator) / S**0.5
         if sets and out.shape[0] != N:
             raise ValueError(_rows_message(out, N))
+        if prescale:  # the mean's 1/c on the (small) cotangents, not on the results
+            c = float(self.loss_curv.count(loss_state)) if self.loss_curv.reduction == "mean" \
+                else 1.0
+            if c > 0 and c != 1:
+                cols = {k: v * (1 / c if k == "grad" else c ** -0.5) for k, v in cols.items()}
+            plan.prescaled = c
         plan.propagate(out, cols, param_grad)
         return plan, loss_state, out, N
 
-    def batch(self, X, y, want: set, generator, gradient: bool = False) -> dict:
+    def batch(self, X, y, want: set, generator, gradient: bool = False,
+              prescale: bool = False, loss: bool = True) -> dict:
         """The raw (unscaled, summed-loss) quantities of one batch: ``{name: {param:
         tensor}}`` plus ``"_gradient"``, ``"_value"``, ``"_count"``, ``"_N"``,
         ``"_output"``."""
@@ -209,7 +216,8 @@ class Engine:
             sets.add("mc")
         need_grad = gradient or bool(want & (set(FIRST_ORDER) | {"diag_h", "diag_h_batch"}))
         plan, loss_state, out, N = self.prepare(X, y, sets, generator, need_h, need_grad,
-                                                param_grad=gradient or "variance" in want)
+                                                param_grad=gradient or "variance" in want,
+                                                prescale=prescale)
         if need_h:
             plan.check_hessian_graph()
 
@@ -218,11 +226,16 @@ class Engine:
             res[name] = {p: plan.quantity(name, p) for p in self.names}
         if gradient or "variance" in want:
             res["_gradient"] = {p: plan.summed("grad", p)[0] for p in self.names}
-        with torch.no_grad():
-            res["_value"] = self.loss_curv.summed_loss(out.detach(), y, loss_state).reshape(())
+        if loss:
+            with torch.no_grad():
+                res["_value"] = self.loss_curv.summed_loss(out.detach(), y,
+                                                           loss_state).reshape(())
+        else:  # the caller reports no loss (quantities): no second evaluation of it
+            res["_value"] = 0.0
         res["_count"] = self.loss_curv.count(loss_state)
         res["_N"] = N
         res["_output"] = out.detach()
+        res["_prescaled"] = plan.prescaled
         return res
 
 
@@ -291,6 +304,7 @@ class _Plan:
             self.uses[p] = []
         self.fallback = [p for p in engine.names if p in fallback]
         self.param_grads = {}  # name -> the summed gradient, where autograd gave it
+        self.prescaled = None  # the count c the cotangents were scaled by (1/c, 1/√c)
         self.cots = {}  # set -> list aligned with rec.layers (M, N, *out) or None
         self.act_cots = {}
         self.model_cots = {}
@@ -719,7 +733,7 @@ def _check_names(names):
 
 
 def run(engine: Engine, data, names, progress: bool = False, gradient: bool = False,
-        sums=None):
+        sums=None, loss: bool = True):
     """Pass over ``data`` computing ``names``; returns ``(results, info)`` with the
     scaled results and, in ``info``, the loss, flat gradient pieces and the output of a
     single batch. ``sums``: a ``_distributed.GroupSums``: the summed names, gradient, loss
@@ -734,8 +748,14 @@ def run(engine: Engine, data, names, progress: bool = False, gradient: bool = Fa
     grad, value, count, N_total, output = None, 0.0, 0, 0, None
     limit = _memory_limit(engine.device)
     total = len(batches) if batches.has_len() else None
+    # one batch on one process: the mean's scaling goes on the cotangents (1/c on the
+    # gradient column, 1/√c on square-root columns) instead of on the results, which are
+    # many times larger (grad_batch: N × P)
+    prescale = batches.single and sums is None
+    prescaled = None
     for i, (X, y) in enumerate(progress_bar(batches, progress, total, "quantities")):
-        res = engine.batch(X, y, want, generator, gradient)
+        res = engine.batch(X, y, want, generator, gradient, prescale=prescale, loss=loss)
+        prescaled = res["_prescaled"]
         if i == 0 and per_sample:
             expected = _expected_samples(data, batches, res["_N"])
             need = _per_sample_bytes(engine, names, res) / max(1, res["_N"])
@@ -788,6 +808,10 @@ def run(engine: Engine, data, names, progress: bool = False, gradient: bool = Fa
         for t in d.values():
             key = t.untyped_storage().data_ptr()
             uses[key] = uses.get(key, 0) + 1
+    c_loss = c
+    if prescaled is not None:  # already scaled by the count of the cotangents' pass
+        assert prescaled == c, (prescaled, c)
+        c = 1.0
     for name in names:
         power = {"grad_batch": 1, "batch_l2": 2, "sum_grad_squared": 2, "variance": 2}.get(
             name, 1)
@@ -799,7 +823,7 @@ def run(engine: Engine, data, names, progress: bool = False, gradient: bool = Fa
         if name == "variance":
             out[name] = {p: t / N_total - (grad[p] / c / N_total) ** 2
                          for p, t in out[name].items()}
-    info = {"loss": (value / c).detach(),
+    info = {"loss": (value / c_loss).detach() if loss else None,
             "gradient": None if grad is None else {p: t / c for p, t in grad.items()},
             "output": output, "num_samples": N_total, "num_terms": count}
     return out, info
@@ -906,5 +930,5 @@ def quantities(model, loss_fn, data, names, *, params=None, mc_samples: int = 1,
         engine = Engine(model, loss_fn, params, mc_samples=mc_samples, seed=seed)
         sums, guard = group_sums(group, engine, "quantities")
         with guard:
-            out.update(run(engine, data, rest, progress, sums=sums)[0])
+            out.update(run(engine, data, rest, progress, sums=sums, loss=False)[0])
     return {n: out[n] for n in names}

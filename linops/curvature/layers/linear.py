@@ -66,10 +66,10 @@ def _weighted_sq(g, w):
 
 def sum_sq(a, g, w, bias: bool):
     """T = 1 only: Σₘₙ w (∇W)², Σₘₙ w (∇b)²."""
-    g2 = _weighted_sq(g[:, :, 0], w)  # (M, N, O)
-    out = {"weight": torch.einsum("mno,ni->oi", g2, a[:, 0] ** 2)}
+    g2 = _weighted_sq(g[:, :, 0], w).sum(0)  # (N, O)
+    out = {"weight": torch.mm(g2.T, a[:, 0] ** 2)}
     if bias:
-        out["bias"] = g2.sum((0, 1))
+        out["bias"] = g2.sum(0)
     return out
 
 
