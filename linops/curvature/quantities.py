@@ -109,6 +109,9 @@ ReflectionPad1DBackward ReflectionPad2DBackward ReplicationPad1DBackward
 ReplicationPad2DBackward UpsampleNearest2DBackward UpsampleBilinear2DBackward
 AliasBackward MaxBackward MinBackward AmaxBackward AminBackward
 """.split())
+#: activation modules with σ'' = 0 wherever defined (no second-order term on the Hessian)
+PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.Hardsigmoid, nn.Hardtanh, nn.ReLU6,
+                    nn.Hardshrink, nn.Softshrink)
 #: elementwise products: bilinear (checked by ``_check_no_self_product``); a division is
 #: linear only when its denominator does not depend on the parameters
 _PRODUCT_NODES = frozenset({"MulBackward"})
@@ -185,6 +188,9 @@ class Engine:
         loss_state = self.loss_curv.prepare(out, y)
         plan = _Plan(self, rec, N)
         plan._input = X
+        if grad == "curved":  # the Hessian diagonal: the gradient column feeds only the
+            # activations' second-order terms, which piecewise-linear ones do not have
+            grad = any(type(a.module) not in PIECEWISE_LINEAR for a in rec.activations)
         cols = {"grad": self.loss_curv.residual(loss_state).unsqueeze(0)} if grad else {}
         if "exact" in sets:
             cols["exact"] = self.loss_curv.hessian_sqrt(loss_state)
@@ -214,7 +220,9 @@ class Engine:
             sets.add("exact")
         if want & {"diag_ggn_mc", "diag_ggn_mc_batch", "sqrt_ggn_mc"}:
             sets.add("mc")
-        need_grad = gradient or bool(want & (set(FIRST_ORDER) | {"diag_h", "diag_h_batch"}))
+        need_grad = gradient or bool(want & set(FIRST_ORDER))
+        if not need_grad and need_h:
+            need_grad = "curved"
         plan, loss_state, out, N = self.prepare(X, y, sets, generator, need_h, need_grad,
                                                 param_grad=gradient or "variance" in want,
                                                 prescale=prescale)
@@ -535,6 +543,8 @@ class _Plan:
         """Σ over activations of Σᵤ Rₙᵤ (∂hₙᵤ/∂θ)² for each parameter (per sample when
         ``batch``)."""
         acc = {p: None for p in p_list}
+        if "grad" not in self.act_cots:  # every activation piecewise linear (prepare)
+            return acc
         grads = self.act_cots["grad"]
         layer_outputs = [r.output for r in self.rec.layers]
         for a, g_z in zip(self.rec.activations, grads):
