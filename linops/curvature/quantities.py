@@ -224,7 +224,7 @@ class Engine:
         if not need_grad and need_h:
             need_grad = "curved"
         plan, loss_state, out, N = self.prepare(X, y, sets, generator, need_h, need_grad,
-                                                param_grad=gradient or "variance" in want,
+                                                param_grad=gradient,
                                                 prescale=prescale)
         if need_h:
             plan.check_hessian_graph()
@@ -430,6 +430,11 @@ class _Plan:
             r, rule, local, c = one
 
             def compute():
+                if key == "grad" and w is None and not batch:
+                    both = rule.sum_sq_summed(r, c)
+                    if both is not None:  # the gradient as a by-product (for variance)
+                        r.cache.setdefault("memo", {})[("summed", key)] = both[1]
+                        return both[0]
                 fast = (rule.sum_sq_batch if batch else rule.sum_sq)(r, c, w)
                 return fast if fast is not None else self._record_sum_sq(r, rule, key, c, w,
                                                                          batch)

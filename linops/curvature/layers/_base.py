@@ -61,6 +61,11 @@ class LayerRule:
         """``(N, *p.shape)``: Σₘ wₘₙ gₘₙ², or None (see ``sum_sq``)."""
         return None
 
+    def sum_sq_summed(self, rec, cot) -> tuple[dict, dict] | None:
+        """``(sum_sq(rec, cot, None), summed(rec, cot))`` from one pass where forming the
+        per-sample gradients is what both cost (convolutions, sequences), or None."""
+        return None
+
     def sq_norm(self, rec, cot) -> dict | None:
         """``(M, N)``: ‖gₘₙ‖², or None (see ``sum_sq``)."""
         return None

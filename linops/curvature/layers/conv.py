@@ -126,6 +126,21 @@ class ConvRule(LayerRule):
     def sum_sq_batch(self, rec, cot, w):
         return self._sum_sq(rec, cot, w, True)
 
+    def sum_sq_summed(self, rec, cot):
+        if "weight" not in rec.params:
+            return None
+        U, g = self._ug(rec, cot)
+        M, N, G, O, L = g.shape
+        parts = [linear.sum_sq_chunked(U[:, i], g[:, :, i], None, False, summed=True)
+                 for i in range(G)]
+        sq = {"weight": parts[0][0] if G == 1 else torch.stack([p[0] for p in parts])}
+        tot = {"weight": parts[0][1] if G == 1 else torch.stack([p[1] for p in parts], 1)}
+        if "bias" in rec.params:
+            gs = g.sum(-1)
+            sq["bias"] = linear.bias_sum_sq(gs, None, False)
+            tot["bias"] = gs.sum(1)
+        return self._shape(rec, sq, ()), self._shape(rec, tot, (M,))
+
     def _sum_sq(self, rec, cot, w, batch):
         U, g = self._ug(rec, cot)
         M, N, G, O, L = g.shape

@@ -86,17 +86,20 @@ def sum_sq_batch(a, g, w, bias: bool):
 _CHUNK = 2**20
 
 
-def sum_sq_chunked(u, g, w, batch: bool):
+def sum_sq_chunked(u, g, w, batch: bool, summed: bool = False):
     """Σₘ (Σₙ) wₘₙ (gₘₙ uₙᵀ)² without the (M, N, O, I) per-sample gradients: ``u``
     (N, I, L), ``g`` (M, N, O, L), ``w`` (M, N) or None → (O, I), or (N, O, I) with
     ``batch``. The per-sample gradients are formed a few samples at a time, so they stay in
     cache and are squared and summed where they are: about 3× faster on CPU than forming
-    them all (a large fresh buffer) and reducing afterwards."""
+    them all (a large fresh buffer) and reducing afterwards. ``summed``: also return
+    Σₙ gₘₙ uₙᵀ (M, O, I), summed from the same chunks before they are squared (the
+    gradient, for ``variance``, at the cost of reading them once more in cache)."""
     M, N, O, L = g.shape
     I = u.shape[1]
     dtype = torch.result_type(g, u)
     out = (_memory.empty((N, O, I), dtype, g.device) if batch
            else torch.zeros((O, I), dtype=dtype, device=g.device))
+    total = torch.zeros((M, O, I), dtype=dtype, device=g.device) if summed else None
     step = max(1, _CHUNK // (M * O * I))
     per_column = M == 1 or L > I  # the cotangents outweigh the gradients: no copy of them
     for s in range(0, N, step):
@@ -105,13 +108,19 @@ def sum_sq_chunked(u, g, w, batch: bool):
         if per_column:
             acc = None
             for m in range(M):
-                W = torch.bmm(g[m, s:e], ut).square_()
+                W = torch.bmm(g[m, s:e], ut)
+                if summed:
+                    total[m] += W.sum(0)
+                W = W.square_()
                 if w is not None:
                     W.mul_(w[m, s:e, None, None])
                 acc = W if acc is None else acc.add_(W)
         else:
-            W = torch.bmm(g[:, s:e].transpose(0, 1).reshape(e - s, M * O, L), ut).square_()
+            W = torch.bmm(g[:, s:e].transpose(0, 1).reshape(e - s, M * O, L), ut)
             W = W.view(e - s, M, O, I)
+            if summed:
+                total += W.sum(0)
+            W = W.square_()
             if w is not None:
                 W.mul_(w[:, s:e].T[:, :, None, None])
             acc = W[:, 0] + W[:, 1]  # M > 1 here
@@ -121,7 +130,7 @@ def sum_sq_chunked(u, g, w, batch: bool):
             out[s:e] = acc
         else:
             out += acc.sum(0)
-    return out
+    return (out, total) if summed else out
 
 
 def sq_norm_chunked(u, g):
@@ -199,6 +208,18 @@ class LinearRule(LayerRule):
 
     def sum_sq_batch(self, rec, cot, w):
         return self._sum_sq(rec, cot, w, True)
+
+    def sum_sq_summed(self, rec, cot):
+        a, g, b = self._ag(rec, cot)
+        if a.shape[1] == 1 or "weight" not in rec.params:
+            return None  # T = 1: the closed forms are cheaper than any by-product
+        sq, tot = sum_sq_chunked(a.mT, g.mT, None, False, summed=True)
+        out_sq, out_sum = {"weight": sq}, {"weight": tot}
+        if b:
+            gs = g.sum(2)
+            out_sq["bias"] = bias_sum_sq(gs, None, False)
+            out_sum["bias"] = gs.sum(1)
+        return _select(out_sq, rec), _select(out_sum, rec)
 
     def _sum_sq(self, rec, cot, w, batch):
         a, g, b = self._ag(rec, cot)
