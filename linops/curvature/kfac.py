@@ -46,6 +46,7 @@ from ._data import Batches
 from ._distributed import group_sums, rank_seed, resolve_group, unwrap_ddp
 from ._mlp import _Act, _activation, mlp_spec
 from .layers.conv import ConvRule
+from .layers import linear as linear_rules
 from .layers.linear import LinearRule
 from .quantities import Engine
 
@@ -476,6 +477,17 @@ class EKFAC(KFAC):
                 plan, loss_state, out, N = eng.prepare(X, y, sets, gen)
                 for p, (QG, QA) in bases.items():
                     total = None
+                    if len(plan.uses[p]) == 1:  # one call: a Linear layer's square sums
+                        # on the rotated inputs and cotangents, without forming the
+                        # per-sample gradients (T = 1) or a few samples at a time (T > 1)
+                        i, r, rule, _ = plan.uses[p][0]
+                        a, g = _layer_inputs(r, rule, plan.cots[key][i])
+                        gq, aq = g @ QG, a @ QA
+                        s = (linear_rules.sum_sq(aq, gq, None, False)["weight"]
+                             if aq.shape[1] == 1
+                             else linear_rules.sum_sq_chunked(aq.mT, gq.mT, None, False))
+                        acc[p] = s if acc[p] is None else acc[p] + s
+                        continue
                     for i, r, rule, _ in plan.uses[p]:
                         a, g = _layer_inputs(r, rule, plan.cots[key][i])
                         # per-sample gradients in the eigenbasis, Σₜ (Q_Gᵀ gₜ)(Q_Aᵀ aₜ)ᵀ
