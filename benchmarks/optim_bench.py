@@ -8,10 +8,11 @@ round runs every contender once, in a rotated order; ``peers/_harness.time_round
   ``p ← p − lr·g/(diag + λ)``) over one SGD step (``zero_grad``, forward, ``backward``,
   ``torch.optim.SGD.step``) on BackPACK's example CNN (Conv2d(1,20,5)-ReLU-MaxPool-
   Conv2d(20,50,5)-ReLU-MaxPool-Linear(800,500)-ReLU-Linear(500,10), batch 128, 28×28);
-- ``kfac/sgd``: one ``solvers.optim.KFAC`` step (MC Fisher, 1 sample, lr 1e-2, damping 1,
-  ``update_every=10``) on the same CNN, amortized: a timed call runs 10 steps (one refresh
-  of the factors and their eigendecompositions, nine steps on the cached inverse) and the
-  figure is its median over 10;
+- ``kfac/sgd``, ``kfac_pi/sgd``: one ``solvers.optim.KFAC`` step (MC Fisher, 1 sample,
+  lr 1e-2, damping 1, ``update_every=10``; exact damping by the factors'
+  eigendecompositions, or the π heuristic with explicit inverse factors) on the same CNN,
+  amortized: a timed call runs 10 steps (one refresh of the factors and their
+  decompositions, nine steps on the cached inverse) and the figure is its median over 10;
 - ``cg_newton/sgd``: one ``solvers.optim.CGNewton`` step (GGN, parameter blocks, the HBP
   tutorial's lr=0.1, alpha=0.02, cg_tol=0.1, cg_maxiter=50) over one SGD step on
   ``Linear(784, 10)``, batch 500;
@@ -117,14 +118,15 @@ def ours(reps: int, warmup: int) -> dict:
     # K-FAC with update_every=10: one timed call is a window of 10 steps (one refresh of
     # the factors and their eigendecompositions, nine steps on the cached inverse), so its
     # median over rounds divided by 10 is the amortized time per step
-    mk = cnn()
-    kfac = KFAC(mk, nn.CrossEntropyLoss(), lr=1e-2, damping=1.0, update_every=10, seed=0)
+    for name, kind in (("kfac", "exact"), ("kfac_pi", "pi")):
+        kfac = KFAC(cnn(), nn.CrossEntropyLoss(), lr=1e-2, damping=1.0, update_every=10,
+                    seed=0, damping_kind=kind)
 
-    def kfac_window():
-        for _ in range(10):
-            kfac.step((Xc, yc))
+        def kfac_window(kfac=kfac):
+            for _ in range(10):
+                kfac.step((Xc, yc))
 
-    contenders["kfac_x10"] = kfac_window
+        contenders[f"{name}_x10"] = kfac_window
     lm = linear()
     cgn = CGNewton(lm, nn.CrossEntropyLoss(), lr=0.1, alpha=0.02, cg_tol=0.1, cg_maxiter=50,
                    on_failure="ignore")
@@ -140,8 +142,9 @@ def ours(reps: int, warmup: int) -> dict:
                      alg=CG(tol=1e-3, max_iters=20, on_failure="ignore"))
     contenders["gauss_newton"] = lambda: gn.step((Xs, ys))
     record.update(h.medians(h.time_round_robin(contenders, reps=reps, warmup=warmup)))
-    window = record.pop("kfac_x10")
-    record["kfac"] = window / 10 if isinstance(window, float) else window
+    for name in ("kfac", "kfac_pi"):
+        window = record.pop(f"{name}_x10")
+        record[name] = window / 10 if isinstance(window, float) else window
     record["cg_newton_iterations"] = cgn.last["iterations"]
     record["gauss_newton_iterations"] = gn.last["iterations"]
     return record
@@ -201,7 +204,8 @@ def backpack_side(reps: int, warmup: int) -> dict:
 # ----------------------------------------------------------------------------- driver
 def ratios(rec: dict) -> dict:
     out = {}
-    for key, base in (("diag_ggn_mc", "sgd_cnn"), ("kfac", "sgd_cnn"), ("cg_newton", "sgd_linear"),
+    for key, base in (("diag_ggn_mc", "sgd_cnn"), ("kfac", "sgd_cnn"), ("kfac_pi", "sgd_cnn"),
+                      ("cg_newton", "sgd_linear"),
                       ("gauss_newton", "sgd_mlp")):
         a, b = rec.get(key), rec.get(base)
         if isinstance(a, float) and isinstance(b, float):
