@@ -73,3 +73,26 @@ def test_state_dict_round_trip_refreshes_and_bad_input():
         KFAC(model, loss_fn, fisher="ggn")
     with pytest.raises(ValueError, match="damping"):
         KFAC(model, loss_fn, damping=0.0)
+
+
+def test_pi_damping_in_float32_with_small_damping():
+    """The π-damped explicit inverse in float32 at damping 1e-4 (factors near singular up to
+    the damping): no false alarm from the inverse's check, and the step equals the float64
+    one to float32 accuracy; a NaN factor raises instead of stepping."""
+    torch.manual_seed(0)
+    model64 = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).to(F64)
+    model32 = copy.deepcopy(model64).float()
+    X = torch.randn(64, 4, dtype=F64)
+    y = torch.randint(0, 3, (64,))
+    steps = {}
+    for name, model, Xd in (("f64", model64, X), ("f32", model32, X.float())):
+        before = _flat(model).double()
+        KFAC(model, nn.CrossEntropyLoss(), lr=0.1, damping=1e-4, fisher="exact",
+             damping_kind="pi").step((Xd, y))
+        steps[name] = _flat(model).double() - before
+    torch.testing.assert_close(steps["f32"], steps["f64"], rtol=2e-3,
+                               atol=2e-3 * float(steps["f64"].abs().max()))
+    from solvers.optim.kfac import _spd_inverse
+
+    with pytest.raises(FloatingPointError, match="positive definite"):
+        _spd_inverse(torch.full((3, 3), float("nan")))

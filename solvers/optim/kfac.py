@@ -121,7 +121,9 @@ def _spd_inverse(M: torch.Tensor) -> linops.LinearOperator:
     v = torch.cos(torch.arange(M.shape[0], dtype=torch.float64, device=M.device))
     err = float(torch.linalg.vector_norm(M.to(torch.float64) @ (Minv @ v) - v)
                 / torch.linalg.vector_norm(v))
-    if not err <= 1e-6:
+    # the inverse is applied in M's dtype: what a float32 cast leaves (κ·eps) is fine up
+    # to √eps; beyond, the factor is numerically singular at this damping
+    if not err <= torch.finfo(M.dtype).eps ** 0.5:
         raise FloatingPointError(
             f"KFAC: a damped Kronecker factor is too ill-conditioned to invert "
             f"(relative residual {err:.2g} of M (M⁻¹ v) = v); raise damping.")
