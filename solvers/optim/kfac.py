@@ -110,24 +110,28 @@ class KFAC(CurvatureOptimizer):
 
 
 def _spd_inverse(M: torch.Tensor) -> linops.LinearOperator:
-    """The explicit inverse of a damped SPD factor (Cholesky in float64), checked once."""
-    L, info = torch.linalg.cholesky_ex(M.to(torch.float64))
+    """The explicit inverse of a damped SPD factor (Cholesky in float64), in M's dtype,
+    checked once on a fixed probe: the inverse actually applied (after the cast) must solve
+    to √eps of the dtype, else the factor is numerically singular at this damping."""
+    M64 = M.to(torch.float64)
+    L, info = torch.linalg.cholesky_ex(M64)
     if int(info) != 0:
         raise FloatingPointError(
             "KFAC: a damped Kronecker factor is not positive definite (non-finite or "
             "indefinite factors); raise damping or check the model's outputs.")
-    Minv = torch.cholesky_inverse(L)
-    # one residual on a fixed probe (O(n²), not the O(n³) of M M⁻¹ − I)
+    Minv = torch.cholesky_inverse(L).to(M.dtype)
     v = torch.cos(torch.arange(M.shape[0], dtype=torch.float64, device=M.device))
-    err = float(torch.linalg.vector_norm(M.to(torch.float64) @ (Minv @ v) - v)
+    err = float(torch.linalg.vector_norm(M64 @ (Minv.to(torch.float64) @ v) - v)
                 / torch.linalg.vector_norm(v))
-    # the inverse is applied in M's dtype: what a float32 cast leaves (κ·eps) is fine up
-    # to √eps; beyond, the factor is numerically singular at this damping
-    if not err <= torch.finfo(M.dtype).eps ** 0.5:
+    tol = torch.finfo(M.dtype).eps ** 0.5
+    if not err <= tol:
         raise FloatingPointError(
-            f"KFAC: a damped Kronecker factor is too ill-conditioned to invert "
-            f"(relative residual {err:.2g} of M (M⁻¹ v) = v); raise damping.")
-    return linops.PSD(linops.Dense(Minv.to(M.dtype)))
+            f"KFAC: a π-damped Kronecker factor is too ill-conditioned to invert in "
+            f"{M.dtype} (relative residual {err:.2g} > {tol:.2g} of M (M⁻¹ v) = v: the π "
+            f"heuristic split the damping into a tiny share for this factor). Use "
+            f"damping_kind='exact' (eigendecompositions, any damping), raise damping, or "
+            f"train in float64.")
+    return linops.PSD(linops.Dense(Minv))
 
 
 def _explicit_inverse(damped: linops.BlockDiag) -> linops.BlockDiag:
