@@ -9,7 +9,9 @@ preconditioner built from the same batch (``solvers.curvature_preconditioner``).
 contenders run interleaved, round after round; the table shows medians. Problems: the
 reference MLP of the Gauss-Newton notebook (2→200→200→5, SiLU, 41,805 parameters, 2500
 points) and the reference CNN of the diagonal-GGN example (431,080 parameters, batch 128 of
-28×28 inputs: the offline digits when scikit-learn is installed, else Gaussian noise).
+28×28 inputs: the offline digits when scikit-learn is installed, else Gaussian noise), at
+initialization (``cnn``) and after 200 Adam steps on the digits (``cnn-trained``); the MLP
+also after 300 full-batch Adam steps (``mlp-trained``).
 """
 
 from __future__ import annotations
@@ -49,13 +51,52 @@ def _cnn_problem():
     return model, X, y, nn.CrossEntropyLoss(), source
 
 
+def _trained_cnn_problem(steps: int = 200):
+    """The reference CNN after ``steps`` Adam steps (lr 1e-3, batch 128, seeded) on the
+    whole offline digits set: a Gauss-Newton step in the middle of training, where the
+    GGN is far more ill-conditioned than at initialization."""
+    model, X, y, loss_fn, source = _cnn_problem()
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        return model, X, y, loss_fn, source + ", untrained (no scikit-learn)"
+    d = load_digits()
+    XA = torch.nn.functional.interpolate(
+        torch.tensor(d.images, dtype=torch.float32)[:, None] / 16, size=(28, 28),
+        mode="bilinear")
+    yA = torch.tensor(d.target)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(yA), (128,), generator=gen)
+        opt.zero_grad()
+        loss_fn(model(XA[idx]), yA[idx]).backward()
+        opt.step()
+    return model, X, y, loss_fn, f"{source}, after {steps} Adam steps"
+
+
+def _trained_mlp_problem(steps: int = 300):
+    """The reference MLP after ``steps`` full-batch Adam steps (lr 1e-2): loss about 0.02."""
+    p = reference_problem()
+    opt = torch.optim.Adam(p.model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        p.loss_fn(p.model(p.X), p.y).backward()
+        opt.step()
+    return p.model, p.X, p.y, p.loss_fn, f"spirals, after {steps} Adam steps"
+
+
 def _problems(names):
     out = {}
     if "mlp" in names:
         p = reference_problem()
         out["mlp"] = (p.model, p.X, p.y, p.loss_fn, "spirals")
+    if "mlp-trained" in names:
+        out["mlp-trained"] = _trained_mlp_problem()
     if "cnn" in names:
         out["cnn"] = _cnn_problem()
+    if "cnn-trained" in names:
+        out["cnn-trained"] = _trained_cnn_problem()
     return out
 
 
@@ -78,7 +119,8 @@ def _step(model, X, y, loss_fn, kind, lam, max_iters):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--problems", nargs="+", default=["mlp", "cnn"])
+    ap.add_argument("--problems", nargs="+",
+                    default=["mlp", "mlp-trained", "cnn", "cnn-trained"])
     ap.add_argument("--damping", nargs="+", type=float, default=[1e-3, 1e-4])
     ap.add_argument("--max-iters", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
