@@ -448,5 +448,89 @@ def test_non_finite_outputs_are_reported_not_sampled():
         model[0].weight[0, 0] = float("nan")
     X, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
     for names in (["diag_ggn_mc"], ["grad_batch"], ["kfac"]):
-        with pytest.raises(FloatingPointError, match="NaN or inf"):
+        with pytest.raises(FloatingPointError, match="NaN"):
             quantities(model, nn.CrossEntropyLoss(), (X, y), names, seed=0)
+    from linops.curvature import BlockDiagCurvature
+
+    with pytest.raises(FloatingPointError, match="NaN"):
+        BlockDiagCurvature(model, nn.CrossEntropyLoss(), (X, y), curvature="hessian")
+    # an MSE target of inf: the loss gradient is not finite
+    reg = nn.Sequential(nn.Linear(3, 2))
+    Y = torch.randn(5, 2)
+    Y[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="loss gradient"):
+        quantities(reg, nn.MSELoss(), (X, Y), ["diag_ggn_exact"])
+
+
+def test_masked_logits_of_minus_inf_are_fine():
+    """Logits masked to -inf (invalid classes) have a finite loss and curvature: no alarm,
+    and the values equal the model without the masked class."""
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 4).double()
+    mask = torch.tensor([False, False, False, True])
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = lin
+
+        def forward(self, x):
+            return self.l(x).masked_fill(mask, float("-inf"))
+
+    X, y = torch.randn(6, 3, dtype=F64), torch.randint(0, 3, (6,))
+    names = ["grad_batch", "diag_ggn_exact", "diag_h"]
+    got = quantities(Masked(), nn.CrossEntropyLoss(), (X, y), names)
+    for name in names:
+        ref = torch.func.vmap(torch.func.grad(
+            lambda w, b, x, t: nn.functional.cross_entropy(
+                (x @ w.T + b)[:, :3], t)), in_dims=(None, None, 0, 0))(
+            lin.weight.detach(), lin.bias.detach(), X[:, None], y[:, None]) \
+            if name == "grad_batch" else None
+        if ref is not None:
+            torch.testing.assert_close(got[name]["l.weight"], ref / 6)
+        assert torch.isfinite(got[name]["l.weight"]).all()
+        assert torch.all(got[name]["l.weight"][..., 3, :] == 0)  # the masked class's row
+
+
+def test_user_hooks_params_subsets_scalars_and_detached_results():
+    """The engine's passes on the model's own parameters never change what they compute:
+    a gradient hook of the user's (pruning, clipping) is not run by them; diag_h over a
+    params= subset treats the other parameters as constants (a LayerNorm backbone stays
+    allowed); a 0-dim parameter has its batch_l2; results carry no autograd graph."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 2)).double()
+    X, y = torch.randn(7, 3, dtype=F64), torch.randint(0, 2, (7,))
+    loss = nn.CrossEntropyLoss()
+    plain = torch.autograd.grad(loss(model(X), y), list(model.parameters()))
+    h = model[0].weight.register_hook(lambda g: g * 0)
+    try:
+        D = DiagGGN(model, loss, (X, y))
+        torch.testing.assert_close(D.param_space.unflatten(D.gradient)["0.weight"], plain[0])
+    finally:
+        h.remove()
+    head = {"3.weight": model[3].weight, "3.bias": model[3].bias}
+    got = quantities(model, loss, (X, y), ["diag_h"], params=head)["diag_h"]
+    w, b = model[3].weight.detach(), model[3].bias.detach()
+    feats = model[:3](X).detach()
+
+    def f(w, b):
+        return loss(feats @ w.T + b, y)
+
+    Hw = torch.autograd.functional.hessian(lambda w: f(w, b), w).reshape(w.numel(), -1)
+    torch.testing.assert_close(got["3.weight"].reshape(-1), Hw.diagonal())
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 2)
+            self.scale = nn.Parameter(torch.tensor(1.5))
+
+        def forward(self, x):
+            return self.scale * self.l(x)
+
+    m = Scaled().double()
+    q = quantities(m, loss, (X, y), ["batch_l2", "grad_batch", "diag_ggn_exact"])
+    torch.testing.assert_close(q["batch_l2"]["scale"], q["grad_batch"]["scale"] ** 2)
+    for name in q:
+        for t in q[name].values():
+            assert not t.requires_grad, name

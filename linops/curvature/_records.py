@@ -116,17 +116,25 @@ def record_forward(model: nn.Module, tensors: Mapping[str, torch.Tensor], names:
 
 
 def _live_parameters(model, tensors, names):
-    """The model's own parameters when ``tensors`` are exactly them (the same storage) and
-    every differentiated one requires grad: the forward pass can then run on the model as it
-    is, with its parameters as the leaves, instead of through ``functional_call`` (which
-    swaps every parameter in and out: most of a small model's overhead). None otherwise."""
+    """The model's own parameters when ``tensors`` are exactly them (the same storage),
+    the differentiated ones are exactly those that require grad, and none has a backward
+    hook: the forward pass can then run on the model as it is, with its parameters as the
+    leaves, instead of through ``functional_call`` (which swaps every parameter in and out:
+    most of a small model's overhead). None otherwise."""
     live = dict(model.named_parameters())
     for n, t in tensors.items():
         p = live.get(n)
         if p is None or p.data_ptr() != t.data_ptr() or p.shape != t.shape \
                 or p.stride() != t.stride() or p.dtype != t.dtype:
             return None
-    if len(live) != len(tensors) or not all(live[n].requires_grad for n in names):
+    if len(live) != len(tensors):
+        return None
+    # exactly the differentiated parameters require grad (else the others' operations
+    # would enter the graph, and the Hessian checks would walk into them), and none
+    # carries a hook of the user's (pruning masks, clipping: they would act on our passes)
+    if {n for n, p in live.items() if p.requires_grad} != set(names):
+        return None
+    if any(live[n]._backward_hooks for n in names):
         return None
     return live
 
@@ -180,6 +188,12 @@ def _record(model, tensors, names, X, owners, activations, clone):
         raise TypeError(
             f"The model returned a {type(out).__name__}; the curvature quantities need one "
             "output tensor (wrap the model so that it returns the logits)."
+        )
+    if isinstance(out, torch.Tensor) and bool(torch.isnan(out.detach()).any()):
+        raise FloatingPointError(
+            "The model output holds NaN values, so its curvature is undefined: the "
+            "parameters or the inputs are not finite (after an optimizer step, lower lr or "
+            "raise damping)."
         )
     rec = Recording(out, layers, acts, leaves)
     rec._versions = versions

@@ -45,8 +45,8 @@ from ..properties import PSD
 from ._data import Batches
 from ._distributed import group_sums, rank_seed, resolve_group, unwrap_ddp
 from ._mlp import _Act, _activation, mlp_spec
-from .layers.conv import ConvRule
 from .layers import linear as linear_rules
+from .layers.conv import ConvRule
 from .layers.linear import LinearRule
 from .quantities import Engine
 

@@ -107,7 +107,7 @@ LeakyReluBackward HardtanhBackward NativeBatchNormBackward CudnnBatchNormBackwar
 MiopenBatchNormBackward EmbeddingBackward ToCopyBackward ConstantPadNdBackward
 ReflectionPad1DBackward ReflectionPad2DBackward ReplicationPad1DBackward
 ReplicationPad2DBackward UpsampleNearest2DBackward UpsampleBilinear2DBackward
-AliasBackward MaxBackward MinBackward AmaxBackward AminBackward
+AliasBackward MaxBackward MinBackward AmaxBackward AminBackward MaskedFillBackward
 """.split())
 #: activation modules with σ'' = 0 wherever defined (no second-order term on the Hessian)
 PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.Hardsigmoid, nn.Hardtanh, nn.ReLU6,
@@ -178,20 +178,22 @@ class Engine:
         loss_state, output, N)``."""
         rec = self.record(X, activations)
         out = rec.output
-        if not bool(torch.isfinite(out.detach()).all()):
-            raise FloatingPointError(
-                "The model output holds NaN or inf values, so its curvature is undefined: "
-                "the parameters or the inputs are not finite (after an optimizer step, "
-                "lower lr or raise damping)."
-            )
         N = _num_samples(X, out)
         loss_state = self.loss_curv.prepare(out, y)
+        residual = self.loss_curv.residual(loss_state)
+        if not bool(torch.isfinite(residual).all()):  # (-inf logits of masked classes pass)
+            raise FloatingPointError(
+                "The loss gradient at the model output holds NaN or inf values, so the "
+                "curvature is undefined: the model output or the targets are not finite "
+                "where the loss needs them (after an optimizer step, lower lr or raise "
+                "damping)."
+            )
         plan = _Plan(self, rec, N)
         plan._input = X
         if grad == "curved":  # the Hessian diagonal: the gradient column feeds only the
             # activations' second-order terms, which piecewise-linear ones do not have
             grad = any(type(a.module) not in PIECEWISE_LINEAR for a in rec.activations)
-        cols = {"grad": self.loss_curv.residual(loss_state).unsqueeze(0)} if grad else {}
+        cols = {"grad": residual.unsqueeze(0)} if grad else {}
         if "exact" in sets:
             cols["exact"] = self.loss_curv.hessian_sqrt(loss_state)
         if "mc" in sets:
@@ -656,7 +658,7 @@ def activation_residual(a, g_z):
 
 def _sq_norms(g):
     """``(M, N)``: the squared norm of each per-sample gradient in ``g`` (M, N, ...)."""
-    return torch.linalg.vector_norm(g, dim=tuple(range(2, g.ndim))).square_()
+    return torch.linalg.vector_norm(g.reshape(*g.shape[:2], -1), dim=-1).square_()
 
 
 def _square_sum(g, w, batch):
@@ -835,6 +837,8 @@ def run(engine: Engine, data, names, progress: bool = False, gradient: bool = Fa
             out[name] = {p: t.detach().div_(scale)
                          if uses[t.untyped_storage().data_ptr()] == 1 else t.detach() / scale
                          for p, t in out[name].items()}
+        else:  # (a rule may have run on parameters that require grad: no graph attached)
+            out[name] = {p: t.detach() for p, t in out[name].items()}
         if name == "variance":
             out[name] = {p: t / N_total - (grad[p] / c / N_total) ** 2
                          for p, t in out[name].items()}

@@ -109,10 +109,12 @@ class KFAC(CurvatureOptimizer):
         return loss, outputs.detach(), last
 
 
-def _spd_inverse(M: torch.Tensor) -> linops.LinearOperator:
+def _spd_inverse(M: torch.Tensor) -> linops.LinearOperator | None:
     """The explicit inverse of a damped SPD factor (Cholesky in float64), in M's dtype,
     checked once on a fixed probe: the inverse actually applied (after the cast) must solve
-    to √eps of the dtype, else the factor is numerically singular at this damping."""
+    to √eps of the dtype. None where it does not (the π heuristic left this factor a tiny
+    share of the damping): the caller then solves with the factor itself, as ``inv`` does,
+    whose checked solves report any trouble."""
     M64 = M.to(torch.float64)
     L, info = torch.linalg.cholesky_ex(M64)
     if int(info) != 0:
@@ -123,15 +125,14 @@ def _spd_inverse(M: torch.Tensor) -> linops.LinearOperator:
     v = torch.cos(torch.arange(M.shape[0], dtype=torch.float64, device=M.device))
     err = float(torch.linalg.vector_norm(M64 @ (Minv.to(torch.float64) @ v) - v)
                 / torch.linalg.vector_norm(v))
-    tol = torch.finfo(M.dtype).eps ** 0.5
-    if not err <= tol:
-        raise FloatingPointError(
-            f"KFAC: a π-damped Kronecker factor is too ill-conditioned to invert in "
-            f"{M.dtype} (relative residual {err:.2g} > {tol:.2g} of M (M⁻¹ v) = v: the π "
-            f"heuristic split the damping into a tiny share for this factor). Use "
-            f"damping_kind='exact' (eigendecompositions, any damping), raise damping, or "
-            f"train in float64.")
+    if not err <= torch.finfo(M.dtype).eps ** 0.5:
+        return None
     return linops.PSD(linops.Dense(Minv))
+
+
+def _inverse_factor(F: linops.LinearOperator) -> linops.LinearOperator:
+    explicit = _spd_inverse(F.M)
+    return explicit if explicit is not None else inv(F)
 
 
 def _explicit_inverse(damped: linops.BlockDiag) -> linops.BlockDiag:
@@ -143,9 +144,9 @@ def _explicit_inverse(damped: linops.BlockDiag) -> linops.BlockDiag:
     blocks = []
     for b in damped.blocks:
         if isinstance(b, linops.Kronecker):
-            blocks.append(linops.Kronecker(*(_spd_inverse(F.M) for F in b.factors)))
+            blocks.append(linops.Kronecker(*(_inverse_factor(F) for F in b.factors)))
         else:
-            blocks.append(_spd_inverse(b.M))
+            blocks.append(_inverse_factor(b))
     out = linops.BlockDiag(*blocks)
     out._tags = frozenset({"self_adjoint", "psd"})
     return out
