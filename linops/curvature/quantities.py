@@ -425,8 +425,16 @@ class _Plan:
     def _record_numel(self, r):
         return sum(self.engine.params[q].numel() for q in r.params.values())
 
+    def _unreached(self, p, key) -> bool:
+        """Whether no column of set ``key`` reaches parameter ``p`` (its quantities are 0)."""
+        return p not in self.fallback and all(
+            self.cots[key][i] is None for i, _, _, _ in self.uses[p])
+
     def sum_sq(self, key, p, w=None, batch=False) -> torch.Tensor:
         """Σₘ Σₙ w g² (``batch``: Σₘ only, (N, *p.shape))."""
+        if self._unreached(p, key):
+            shape = self.engine.params[p].shape
+            return self.engine.params[p].new_zeros((self.N, *shape) if batch else shape)
         one = self._single(p, key)
         if one is not None:
             r, rule, local, c = one
@@ -572,6 +580,8 @@ class _Plan:
                 self.model_cots["_unit"] = cot
                 w = R[:, u0:u1].T
                 for p in p_list:
+                    if self._unreached(p, "_unit"):  # a layer after the activation
+                        continue
                     part = self.sum_sq("_unit", p, w, batch)
                     acc[p] = part if acc[p] is None else acc[p] + part
         self.cots.pop("_unit", None)
