@@ -140,7 +140,7 @@ class _Collector:
                 )
             self.spec = spec
 
-    def run(self, data, progress=False, sums=None):
+    def run(self, data, progress=False, sums=None, gradient=True):
         """``sums``: a ``_distributed.GroupSums``: every factor, count, the gradient and
         the loss are all-reduced over its process group after the loop."""
         eng = self.engine
@@ -152,7 +152,10 @@ class _Collector:
         sets = set() if key == "grad" else {key}
         value, count, grad, output = 0.0, 0, None, None
         for X, y in batches:
-            plan, loss_state, out, N = eng.prepare(X, y, sets, gen, param_grad=True)
+            # the gradient (for the operator's .gradient) from autograd's own kernels; the
+            # factors alone need the gradient column only for the empirical Fisher
+            plan, loss_state, out, N = eng.prepare(X, y, sets, gen, grad=gradient or key == "grad",
+                                                   param_grad=gradient)
             output = out.detach() if batches.single else None
             pieces = {p: [] for p in eng.names}
             for p in eng.names:
@@ -194,22 +197,24 @@ class _Collector:
                     f.add("dense", V.mT @ V)
             if self.kfra:
                 self._kfra_batch(X, plan, loss_state, factors)
-            g = {p: plan.summed("grad", p)[0] for p in eng.names}
-            grad = g if grad is None else {p: grad[p] + g[p] for p in g}
+            if gradient:
+                g = {p: plan.summed("grad", p)[0] for p in eng.names}
+                grad = g if grad is None else {p: grad[p] + g[p] for p in g}
             with torch.no_grad():
                 value = value + eng.loss_curv.summed_loss(out.detach(), y, loss_state)
             count = count + eng.loss_curv.count(loss_state)
         if sums is not None:  # data-parallel: one all-reduce of every sum (issue 11)
             fs = [factors[p] for p in eng.names]
             parts = [getattr(f, a) for f in fs for a in ("G", "A", "dense")]
-            red = sums.reduce(parts + [f.count for f in fs] + [grad[p] for p in eng.names]
+            gkeys = list(eng.names) if grad is not None else []
+            red = sums.reduce(parts + [f.count for f in fs] + [grad[p] for p in gkeys]
                               + [value, count])
             for (f, a), t in zip([(f, a) for f in fs for a in ("G", "A", "dense")], red):
                 setattr(f, a, t)
             red = red[len(parts):]
             for f, n in zip(fs, red):
                 f.count = n
-            grad = dict(zip(eng.names, red[len(fs):len(fs) + len(eng.names)]))
+            grad = dict(zip(gkeys, red[len(fs):len(fs) + len(gkeys)])) if gkeys else None
             value, count = red[-2:]
         c = float(count) if eng.loss_curv.reduction == "mean" else 1.0
         if c == 0:
@@ -221,7 +226,8 @@ class _Collector:
             if f.A is not None:
                 f.A = f.A / f.count
         info = {"loss": (value / c).detach().reshape(()),
-                "gradient": {p: t / c for p, t in grad.items()}, "kinds": kinds,
+                "gradient": None if grad is None else {p: t / c for p, t in grad.items()},
+                "kinds": kinds,
                 "num_terms": count, "output": output}
         return factors, info
 
@@ -269,7 +275,7 @@ def kfac_factors(model, loss_fn, data, *, fisher="mc", mc_samples=1, seed=None, 
                      mc_samples, seed, kfac_approx, kfra, "drop")
     sums, guard = group_sums(group, col.engine, "The Kronecker factors")
     with guard:
-        factors, info = col.run(data, sums=sums)
+        factors, info = col.run(data, sums=sums, gradient=False)
     out = {}
     for p, f in factors.items():
         kind = info["kinds"].get(p)
