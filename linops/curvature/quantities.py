@@ -321,27 +321,28 @@ class _Plan:
 
     # ------------------------------------------------------------- propagation
     def propagate(self, out, sets: dict, param_grad: bool = False):
-        """Back-propagate the cotangent column sets to every recorded layer (and
-        activation) output in one batched pass. ``param_grad`` (with a ``"grad"`` set):
+        """Back-propagate the cotangent column sets to every recorded layer output in one
+        batched pass (the gradient column also to the activations'). ``param_grad`` (with a
+        ``"grad"`` set):
         the gradient column goes alone through a plain backward pass that also reaches the
         parameters, so the summed gradient comes from autograd's own kernels (fused with
         the input gradients) instead of a second pass over the layer records."""
-        if param_grad and "grad" in sets:
+        # only the gradient column's cotangents at the activations are ever used (the
+        # Hessian's second-order terms): it goes alone when activations are recorded
+        if "grad" in sets and (param_grad or self.rec.activations):
             sets = dict(sets)
-            self._propagate_gradient(out, sets.pop("grad"))
+            self._propagate_gradient(out, sets.pop("grad"), param_grad)
             if not sets:
                 return
         names = list(sets)
         sizes = [sets[k].shape[0] for k in names]
         cot = torch.cat([sets[k] for k in names]) if len(names) > 1 else sets[names[0]]
         targets = [r.output for r in self.rec.layers]
-        acts = [a.output for a in self.rec.activations]
-        got = backprop(out, targets + acts, cot, self._vectorize())
+        got = backprop(out, targets, cot, self._vectorize())
         start = 0
         for k, size in zip(names, sizes):
             sl = slice(start, start + size)
-            self.cots[k] = [None if g is None else g[sl] for g in got[:len(targets)]]
-            self.act_cots[k] = [None if g is None else g[sl] for g in got[len(targets):]]
+            self.cots[k] = [None if g is None else g[sl] for g in got]
             self.model_cots[k] = sets[k]
             start += size
 
@@ -355,19 +356,20 @@ class _Plan:
         return not (self.engine.device.type == "cpu" and any(
             isinstance(r.module, nn.modules.conv._ConvNd) for r in self.rec.layers))
 
-    def _propagate_gradient(self, out, cot):
+    def _propagate_gradient(self, out, cot, param_grad: bool = True):
         targets = [r.output for r in self.rec.layers]
         acts = [a.output for a in self.rec.activations]
         reach = _reaching(out, targets + acts)
         inputs = [t for t, ok in zip(targets + acts, reach) if ok]
-        leaves = list(self.rec.leaves.values())
+        leaves = list(self.rec.leaves.values()) if param_grad else []
         got = iter(torch.autograd.grad(out, inputs + leaves, cot[0], retain_graph=True,
                                        allow_unused=True, materialize_grads=True))
         res = [next(got).unsqueeze(0) if ok else None for ok in reach]
         self.cots["grad"] = res[:len(targets)]
         self.act_cots["grad"] = res[len(targets):]
         self.model_cots["grad"] = cot
-        self.param_grads = dict(zip(self.rec.leaves, got))
+        if param_grad:
+            self.param_grads = dict(zip(self.rec.leaves, got))
 
     # ------------------------------------------------------------- per-parameter pieces
     def _uses(self, p, key):
