@@ -69,6 +69,7 @@ from ._mlp import _activation
 from ._records import _reaching, backprop, param_owners, record_forward
 from .layers import rule_for
 from .layers._base import MODULE_RULE
+from .layers.linear import square_sum
 from .losses import loss_curvature
 
 __all__ = ["quantities", "QUANTITY_NAMES", "Engine"]
@@ -466,7 +467,7 @@ class _Plan:
             return self._memo(r, ("sum_sq", key, batch), compute)[local]
         acc = None
         for sl in self._chunks(key, self.engine.params[p].numel()):
-            part = _square_sum(self.per_sample(key, p, sl), None if w is None else w[sl],
+            part = square_sum(self.per_sample(key, p, sl), None if w is None else w[sl],
                                batch)
             acc = part if acc is None else acc + part
         return acc
@@ -477,7 +478,7 @@ class _Plan:
         acc = {}
         for sl in self._chunks(key, self._record_numel(r)):
             for local, g in rule.per_sample(r, c[sl]).items():
-                part = _square_sum(g, None if w is None else w[sl], batch)
+                part = square_sum(g, None if w is None else w[sl], batch)
                 acc[local] = part if local not in acc else acc[local] + part
         return acc
 
@@ -681,19 +682,6 @@ def activation_residual(a, g_z):
 def _sq_norms(g):
     """``(M, N)``: the squared norm of each per-sample gradient in ``g`` (M, N, ...)."""
     return torch.linalg.vector_norm(g.reshape(*g.shape[:2], -1), dim=-1).square_()
-
-
-def _square_sum(g, w, batch):
-    """Σₘ (Σₙ) w g² of per-sample gradients ``g`` (M, N, ...), weights ``w`` (M, N)."""
-    if w is None and not batch:  # one fused reduction, no squared copy (3× faster on CPU)
-        return torch.linalg.vector_norm(g, dim=(0, 1)).square_()
-    # Σₘ by accumulating column by column: no (M, N, ...) temporary, and no reduction over
-    # a middle dimension (PyTorch's CPU reductions are slow there)
-    out = torch.zeros_like(g[0], memory_format=torch.contiguous_format)
-    for m in range(g.shape[0]):
-        gm = g[m]
-        out.addcmul_(gm if w is None else gm * w[m].reshape(-1, *([1] * (g.ndim - 2))), gm)
-    return out if batch else out.sum(0)
 
 
 def _leaf_edges(output, leaves: dict) -> dict:

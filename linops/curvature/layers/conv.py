@@ -137,7 +137,7 @@ class ConvRule(LayerRule):
         tot = {"weight": parts[0][1] if G == 1 else torch.stack([p[1] for p in parts], 1)}
         if "bias" in rec.params:
             gs = g.sum(-1)
-            sq["bias"] = linear.bias_sum_sq(gs, None, False)
+            sq["bias"] = linear.square_sum(gs, None, False)
             tot["bias"] = gs.sum(1)
         return self._shape(rec, sq, ()), self._shape(rec, tot, (M,))
 
@@ -149,7 +149,7 @@ class ConvRule(LayerRule):
             parts = [linear.sum_sq_chunked(U[:, i], g[:, :, i], w, batch) for i in range(G)]
             d["weight"] = parts[0] if G == 1 else torch.stack(parts, dim=1 if batch else 0)
         if "bias" in rec.params:
-            d["bias"] = linear.bias_sum_sq(g.sum(-1), w, batch)
+            d["bias"] = linear.square_sum(g.sum(-1), w, batch)
         return self._shape(rec, d, (N,) if batch else ())
 
     def sq_norm(self, rec, cot):

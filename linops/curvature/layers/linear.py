@@ -25,7 +25,7 @@ from .. import _memory
 from ._base import LayerRule, register
 
 __all__ = ["LinearRule", "batched_outer", "per_sample", "summed", "sum_sq", "sum_sq_batch",
-           "sum_sq_chunked", "sq_norm_chunked", "bias_sum_sq", "sq_norm"]
+           "sum_sq_chunked", "sq_norm_chunked", "square_sum", "sq_norm"]
 
 
 def per_sample(a, g, bias: bool):
@@ -152,12 +152,18 @@ def sq_norm_chunked(u, g):
     return out.square_()
 
 
-def bias_sum_sq(gs, w, batch: bool):
-    """Σₘ (Σₙ) wₘₙ b²ₘₙ of per-sample bias gradients ``gs`` (M, N, ...)."""
-    g2 = gs * gs
-    if w is not None:
-        g2 = g2 * w.reshape(*w.shape, *([1] * (gs.ndim - 2)))
-    return g2.sum(0) if batch else g2.sum((0, 1))
+def square_sum(g, w, batch: bool):
+    """Σₘ (Σₙ) wₘₙ gₘₙ² of per-sample gradients ``g`` (M, N, ...), weights ``w`` (M, N) or
+    None; ``batch``: Σₘ only, (N, ...)."""
+    if w is None and not batch:  # one fused reduction, no squared copy (3× faster on CPU)
+        return torch.linalg.vector_norm(g, dim=(0, 1)).square_()
+    # Σₘ by accumulating column by column: no (M, N, ...) temporary, and no reduction over
+    # a middle dimension (PyTorch's CPU reductions are slow there)
+    out = torch.zeros_like(g[0], memory_format=torch.contiguous_format)
+    for m in range(g.shape[0]):
+        gm = g[m]
+        out.addcmul_(gm if w is None else gm * w[m].reshape(-1, *([1] * (g.ndim - 2))), gm)
+    return out if batch else out.sum(0)
 
 
 def sq_norm(a, g, bias: bool):
@@ -217,7 +223,7 @@ class LinearRule(LayerRule):
         out_sq, out_sum = {"weight": sq}, {"weight": tot}
         if b:
             gs = g.sum(2)
-            out_sq["bias"] = bias_sum_sq(gs, None, False)
+            out_sq["bias"] = square_sum(gs, None, False)
             out_sum["bias"] = gs.sum(1)
         return _select(out_sq, rec), _select(out_sum, rec)
 
@@ -229,7 +235,7 @@ class LinearRule(LayerRule):
         if "weight" in rec.params:  # T > 1: sequences (weight shared over positions)
             out["weight"] = sum_sq_chunked(a.mT, g.mT, w, batch)
         if b:
-            out["bias"] = bias_sum_sq(g.sum(2), w, batch)
+            out["bias"] = square_sum(g.sum(2), w, batch)
         return out
 
     def sq_norm(self, rec, cot):
