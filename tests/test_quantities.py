@@ -199,6 +199,12 @@ CASES = [
         nn.ConvTranspose2d(2, 1, 3, stride=2), nn.Sigmoid(), nn.Unflatten(1, (1, 1)),
         nn.Conv3d(1, 2, (1, 2, 2)), nn.Flatten(), nn.Linear(2 * 36, 3)),
      _x(2, 3, 3), _cls(), nn.CrossEntropyLoss(), ALL_EXACT),
+    # kernel rows of C_in/groups · k_w = 8 · 4 = 32 entries: the row-view unfold
+    # (layers/conv.py: ``_row_pieces``) with padding, dilation, a width stride, groups
+    ("conv2d-row-views", lambda: nn.Sequential(
+        nn.Conv2d(16, 4, (3, 4), padding=(1, 2), dilation=(2, 1), stride=(1, 2), groups=2),
+        nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)),
+     _x(16, 6, 7), _cls(), nn.CrossEntropyLoss(), ALL_EXACT),
     ("inplace-activations", lambda: nn.Sequential(
         nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 5), nn.SiLU(inplace=True),
         nn.Linear(5, 3)), _x(4), _cls(), nn.CrossEntropyLoss(), ALL_EXACT),
@@ -254,6 +260,43 @@ def test_every_name_against_torch_func(case):
     torch.manual_seed(0)
     model = build()
     check_against_reference(model, loss_fn, xb(), yb(), qnames)
+
+
+CONV_CASES = [c for c in CASES if c[0] in ("residual-batchnorm-eval",
+                                           "conv2d-row-views")]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=[c[0] for c in CONV_CASES])
+def test_every_conv2d_through_row_views(case, monkeypatch):
+    """Every Conv2d of the cases unfolded by kernel rows (the threshold lowered to 0)."""
+    conv = importlib.import_module("linops.curvature.layers.conv")
+    monkeypatch.setattr(conv, "_ROW_VIEW_MIN", 0)
+    calls = []
+    real = conv._row_pieces
+    monkeypatch.setattr(conv, "_row_pieces", lambda m, x: calls.append(real(m, x)) or calls[-1])
+    _, build, xb, yb, loss_fn, qnames = case
+    torch.manual_seed(0)
+    check_against_reference(build(), loss_fn, xb(), yb(), qnames)
+    assert any(c is not None for c in calls)  # the row views were taken
+
+
+def test_row_views_are_the_rows_of_the_full_unfold(monkeypatch):
+    conv = importlib.import_module("linops.curvature.layers.conv")
+    assert conv._row_pieces(nn.Conv2d(8, 4, 3, stride=2), torch.randn(2, 8, 7, 7)) is None
+    assert conv._row_pieces(nn.Conv2d(2, 4, 3), torch.randn(2, 2, 7, 7)) is None  # 6 < 32
+    monkeypatch.setattr(conv, "_ROW_VIEW_MIN", 0)
+    torch.manual_seed(0)
+    for kw in [dict(), dict(padding=(2, 1), dilation=(1, 3), stride=(1, 2)), dict(groups=4)]:
+        m = nn.Conv2d(8, 4, (3, 5), **kw)
+        x = torch.randn(3, 8, 9, 11)
+        full = conv._unfold(m, x, m.groups)  # (N, G, C/G · kh · kw, L)
+        rows = conv._row_pieces(m, x)
+        assert [a for a, _ in rows] == [0, 1, 2]
+        G, c = m.groups, 8 // m.groups
+        want = full.view(3, G, c, 3, 5, -1)
+        for a, U in rows:
+            assert U.shape == (3, G, c * 5, full.shape[-1])
+            assert torch.equal(U.reshape(3, G, c, 5, -1), want[:, :, :, a])
 
 
 def test_parameter_subset():

@@ -62,6 +62,7 @@ __all__ = [
     "mlp_vjp",
     "mlp_gradient",
     "mlp_hvp",
+    "mlp_layer_cotangents",
 ]
 
 #: at most this many entries (k × N × width) in one product's largest tensor; more
@@ -453,6 +454,24 @@ def _backward(lin: MLPLinearization, U: torch.Tensor, k: int) -> list:
         if not layer.first:
             g = torch.matmul(g, layer.W)
     return grads
+
+
+def mlp_layer_cotangents(lin: MLPLinearization, U: torch.Tensor) -> list:
+    """Cotangents ``U`` ``(M, N, C)`` at the output back-propagated to every Linear layer's
+    output: a list aligned with ``lin.layers``, ``(M, N, d_out)`` at each Linear state and
+    None at each activation (the layer-wise engine's back-propagation, without autograd)."""
+    res = [None] * len(lin.layers)
+    g = U
+    with torch.no_grad():
+        for i in range(len(lin.layers) - 1, -1, -1):
+            layer = lin.layers[i]
+            if isinstance(layer, _ActState):
+                g = g * layer.d1
+                continue
+            res[i] = g
+            if not layer.first:
+                g = torch.matmul(g, layer.W)
+    return res
 
 
 def mlp_vjp(lin: MLPLinearization, U: torch.Tensor, k: int) -> list[torch.Tensor]:

@@ -25,10 +25,11 @@ import torch
 from torch import nn
 
 from ..autodiff._linearization import batched_grad
-from ._mlp import _AUTOGRAD_ELEMENTWISE, _CLOSED_FORMS
+from ._mlp import (_AUTOGRAD_ELEMENTWISE, _CLOSED_FORMS, MLPSpec, _LinearState,
+                   mlp_input_problem, mlp_linearize)
 
-__all__ = ["Record", "Recording", "param_owners", "record_forward", "backprop",
-           "ELEMENTWISE_ACTIVATIONS"]
+__all__ = ["Record", "Recording", "param_owners", "record_forward", "record_chain",
+           "backprop", "ELEMENTWISE_ACTIVATIONS"]
 
 #: module types treated as elementwise activations (their second derivative is
 #: back-propagated for the exact Hessian diagonal)
@@ -72,6 +73,10 @@ class Recording:
     layers: list  # Records of modules owning differentiated parameters, in call order
     activations: list  # Records of elementwise activation modules (when requested)
     leaves: dict  # differentiated parameter name -> the graph leaf used in the pass
+    #: a multilayer perceptron's forward pass without autograd (``record_chain``): its
+    #: ``_mlp.MLPLinearization`` and, per layer record, the index of its state in it
+    chain: object = None
+    chain_index: tuple = ()
 
 
 def param_owners(model: nn.Module, names: Sequence[str]) -> dict:
@@ -113,6 +118,42 @@ def record_forward(model: nn.Module, tensors: Mapping[str, torch.Tensor], names:
                 "in-place operation out of place."
             )
     return rec
+
+
+def record_chain(model: nn.Module, spec: MLPSpec, tensors: Mapping[str, torch.Tensor], X,
+                 dtype: torch.dtype) -> Recording | None:
+    """The records of a multilayer perceptron (``_mlp.mlp_spec``) from one forward pass of
+    raw tensor operations (``_mlp.mlp_linearize``): no autograd graph, no hooks. Each
+    Linear layer holding a differentiated parameter gets a record of its input (its
+    ``output`` is None: the cotangents come from ``_mlp.mlp_layer_cotangents``). None when
+    the input does not fit the chain (``record_forward`` then takes it). The fixed cost of
+    hooks, ``functional_call`` and autograd is most of a small model's time."""
+    if mlp_input_problem(spec, X, dtype) is not None:
+        return None
+    lin = mlp_linearize(spec, tensors, X)
+    _check_output(lin.out)
+    layers, index = [], []
+    for i, (layer, state) in enumerate(zip(spec.layers[spec.start:], lin.layers)):
+        if not isinstance(state, _LinearState) or (state.wi is None and state.bi is None):
+            continue
+        params = {}
+        if state.wi is not None:
+            params["weight"] = layer.weight
+        if state.bi is not None:
+            params["bias"] = layer.bias
+        path = layer.weight.rpartition(".")[0]
+        layers.append(Record(model.get_submodule(path), path, (state.a,), {}, None, params))
+        index.append(i)
+    return Recording(lin.out, layers, [], {}, lin, tuple(index))
+
+
+def _check_output(out):
+    if bool(torch.isnan(out.detach()).any()):
+        raise FloatingPointError(
+            "The model output holds NaN values, so its curvature is undefined: the "
+            "parameters or the inputs are not finite (after an optimizer step, lower lr or "
+            "raise damping)."
+        )
 
 
 def _live_parameters(model, tensors, names):
@@ -189,12 +230,7 @@ def _record(model, tensors, names, X, owners, activations, clone):
             f"The model returned a {type(out).__name__}; the curvature quantities need one "
             "output tensor (wrap the model so that it returns the logits)."
         )
-    if isinstance(out, torch.Tensor) and bool(torch.isnan(out.detach()).any()):
-        raise FloatingPointError(
-            "The model output holds NaN values, so its curvature is undefined: the "
-            "parameters or the inputs are not finite (after an optimizer step, lower lr or "
-            "raise damping)."
-        )
+    _check_output(out)
     rec = Recording(out, layers, acts, leaves)
     rec._versions = versions
     return rec

@@ -65,8 +65,8 @@ from torch import nn
 from . import _memory
 from ._data import Batches, check_eval_mode, progress_bar, require_tqdm, resolve_params
 from ._distributed import group_sums, rank_seed, resolve_group, unwrap_ddp
-from ._mlp import _activation
-from ._records import _reaching, backprop, param_owners, record_forward
+from ._mlp import MLPSpec, _activation, mlp_layer_cotangents, mlp_spec
+from ._records import _reaching, backprop, param_owners, record_chain, record_forward
 from .layers import rule_for
 from .layers._base import MODULE_RULE
 from .layers.linear import square_sum
@@ -152,6 +152,11 @@ class Engine:
         self.owners = param_owners(model, self.names)
         self.tensors = {n: p.detach() for n, p in model.named_parameters()}
         self.tensors.update({n: p.detach() for n, p in self.params.items()})
+        # a multilayer perceptron is recorded and back-propagated with raw tensor
+        # operations (``_mlp``), without hooks or autograd (not for the Hessian diagonal,
+        # whose activation terms take autograd's passes)
+        spec = mlp_spec(model, self.names, self.dtype, order=1)
+        self.chain = spec if isinstance(spec, MLPSpec) else None
 
     def new_generator(self):
         if self.seed is None:
@@ -177,12 +182,19 @@ class Engine:
         always, ``"exact"``: the loss Hessian's square root, ``"mc"``: sampled) back-
         propagated to every recorded layer in one batched pass. Returns ``(plan,
         loss_state, output, N)``."""
-        rec = self.record(X, activations)
+        rec = None
+        if self.chain is not None and not activations:
+            rec = record_chain(self.model, self.chain, self.tensors, X, self.dtype)
+        if rec is None:
+            rec = self.record(X, activations)
         out = rec.output
         N = _num_samples(X, out)
         loss_state = self.loss_curv.prepare(out, y)
         residual = self.loss_curv.residual(loss_state)
-        if not bool(torch.isfinite(residual).all()):  # (-inf logits of masked classes pass)
+        # (-inf logits of masked classes pass); the sum first: one reduction, and the
+        # entrywise check only where it is not finite (it may overflow alone)
+        if not bool(torch.isfinite(residual.sum())) and not bool(
+                torch.isfinite(residual).all()):
             raise FloatingPointError(
                 "The loss gradient at the model output holds NaN or inf values, so the "
                 "curvature is undefined: the model output or the targets are not finite "
@@ -305,11 +317,11 @@ class _Plan:
                 self.uses[p].append((i, r, rule, local))
         # a parameter used outside its recorded calls (or by no module call) takes the
         # whole-model rule: a call of a closed-form layer adds one graph edge into each of
-        # its parameters, so more edges than calls mean other uses
-        edges = _leaf_edges(rec.output, rec.leaves)
+        # its parameters, so more edges than calls mean other uses (a chain has none)
+        edges = _leaf_edges(rec.output, rec.leaves) if rec.chain is None else None
         for p, uses in self.uses.items():
             one_edge = all(rule.single_edge for _, _, rule, _ in uses)
-            if not uses or (one_edge and edges.get(p, 0) != len(uses)):
+            if not uses or (edges is not None and one_edge and edges.get(p, 0) != len(uses)):
                 fallback.add(p)
         for p in fallback:
             self.uses[p] = []
@@ -328,6 +340,8 @@ class _Plan:
         the gradient column goes alone through a plain backward pass that also reaches the
         parameters, so the summed gradient comes from autograd's own kernels (fused with
         the input gradients) instead of a second pass over the layer records."""
+        if self.rec.chain is not None:  # a multilayer perceptron: by hand (``_mlp``)
+            return self._propagate_chain(sets)
         # only the gradient column's cotangents at the activations are ever used (the
         # Hessian's second-order terms): it goes alone when activations are recorded
         if "grad" in sets and (param_grad or self.rec.activations):
@@ -346,6 +360,20 @@ class _Plan:
             self.cots[k] = [None if g is None else g[sl] for g in got]
             self.model_cots[k] = sets[k]
             start += size
+
+    def _propagate_chain(self, sets: dict):
+        if not sets:
+            return
+        names = list(sets)
+        cot = torch.cat([sets[k] for k in names]) if len(names) > 1 else sets[names[0]]
+        got = mlp_layer_cotangents(self.rec.chain, cot)
+        got = [got[i] for i in self.rec.chain_index]
+        start = 0
+        for k in names:
+            sl = slice(start, start + sets[k].shape[0])
+            self.cots[k] = [g[sl] for g in got] if len(names) > 1 else got
+            self.model_cots[k] = sets[k]
+            start = sl.stop
 
     def _vectorize(self) -> bool:
         """One vmapped backward pass for the columns, or a loop over them: on a CPU, a
@@ -849,11 +877,15 @@ def run(engine: Engine, data, names, progress: bool = False, gradient: bool = Fa
                          for p, t in out[name].items()}
         else:  # (a rule may have run on parameters that require grad: no graph attached)
             out[name] = {p: t.detach() for p, t in out[name].items()}
-        if name == "variance":
-            out[name] = {p: t / N_total - (grad[p] / c / N_total) ** 2
+        if name == "variance":  # Σ g²/N − (Σ g/N)², in place where the sum is ours alone
+            # (a tensor the scaling made is not in ``uses``)
+            n = float(N_total)
+            out[name] = {p: (t.div_(n) if uses.get(t.untyped_storage().data_ptr(), 1) == 1
+                             else t / n).addcmul_(grad[p], grad[p], value=-1 / (c * n) ** 2)
                          for p, t in out[name].items()}
     info = {"loss": (value / c_loss).detach() if loss else None,
-            "gradient": None if grad is None else {p: t / c for p, t in grad.items()},
+            "gradient": None if grad is None else {p: t / c if c != 1 else t
+                                                   for p, t in grad.items()},
             "output": output, "num_samples": N_total, "num_terms": count}
     return out, info
 
