@@ -25,8 +25,14 @@ import torch
 from torch import nn
 
 from ..autodiff._linearization import batched_grad
-from ._mlp import (_AUTOGRAD_ELEMENTWISE, _CLOSED_FORMS, MLPSpec, _LinearState,
-                   mlp_input_problem, mlp_linearize)
+from ._mlp import (
+    _AUTOGRAD_ELEMENTWISE,
+    _CLOSED_FORMS,
+    MLPSpec,
+    _LinearState,
+    mlp_input_problem,
+    mlp_linearize,
+)
 
 __all__ = ["Record", "Recording", "param_owners", "record_forward", "record_chain",
            "backprop", "ELEMENTWISE_ACTIVATIONS"]
