@@ -12,7 +12,22 @@ from ._data import Batches
 from ._distributed import group_sums, rank_seed, resolve_group, unwrap_ddp
 from .quantities import Engine, run
 
-__all__ = ["DiagGGN", "DiagHessian", "operator_diagonal"]
+__all__ = ["DiagGGN", "DiagHessian", "operator_diagonal", "diagonal_pieces"]
+
+
+def diagonal_pieces(model, loss_fn, data, params, name, mc_samples, seed, progress=False,
+                    process_group=None, caller="DiagGGN"):
+    """``(engine, values, info)`` of the layer-wise engine's pass for the diagonal ``name``
+    (a ``quantities`` name) with the gradient: per parameter, before any flattening (what
+    ``DiagGGN`` / ``DiagHessian`` join, and what an optimizer can use as they are)."""
+    group = resolve_group(process_group)
+    seed = seed if seed is None else rank_seed(seed, group)
+    engine = Engine(unwrap_ddp(model, group), loss_fn, params, mc_samples=mc_samples or 1,
+                    seed=seed)
+    sums, guard = group_sums(group, engine, caller)
+    with guard:
+        values, info = run(engine, data, [name], progress, gradient=True, sums=sums)
+    return engine, values[name], info
 
 
 class _CurvatureDiagonal(Diagonal):
@@ -22,13 +37,10 @@ class _CurvatureDiagonal(Diagonal):
 
     def __init__(self, model, loss_fn, data, params, name, mc_samples, seed, progress,
                  process_group=None):
-        group = resolve_group(process_group)
-        seed = seed if seed is None else rank_seed(seed, group)
-        engine = Engine(unwrap_ddp(model, group), loss_fn, params, mc_samples=mc_samples or 1,
-                        seed=seed)
-        sums, guard = group_sums(group, engine, type(self).__name__)
-        with guard:
-            values, info = run(engine, data, [name], progress, gradient=True, sums=sums)
+        engine, values, info = diagonal_pieces(model, loss_fn, data, params, name, mc_samples,
+                                               seed, progress, process_group,
+                                               type(self).__name__)
+        values = {name: values}
         space = ParamSpace(engine.params)
         super().__init__(space.join([values[name][n] for n in space.names]))
         #: the layout of the parameters (``param_space.unflatten(D.d)`` gives a dict)
