@@ -100,6 +100,12 @@ def test_pi_damping_in_float32_with_small_damping():
     ill = Q @ torch.diag(torch.logspace(0, -6, 6, dtype=F64)) @ Q.T
     assert _spd_inverse(ill) is not None  # fine in float64
     assert _spd_inverse(ill.float()) is None  # κ = 1e6: a float32 inverse would be noise
+    well = (Q @ torch.diag(torch.logspace(0, -2, 6, dtype=F64)) @ Q.T)
+    got = _spd_inverse(well.float())  # κ = 100: the float32 Cholesky inverse, accurate
+    assert got.dtype == torch.float32
+    c = torch.randn(6, dtype=F64)
+    want = torch.linalg.solve(well, c)
+    assert float((got @ c.float() - want).abs().max()) <= 1e-4 * float(want.abs().max())
     # ... so that factor is solved with instead, as the generic inverse does
     import linops
     from solvers.optim.kfac import _inverse_factor

@@ -46,7 +46,7 @@ from ._data import Batches
 from ._distributed import group_sums, rank_seed, resolve_group, unwrap_ddp
 from ._mlp import _Act, _activation, mlp_spec
 from .layers import linear as linear_rules
-from .layers.conv import ConvRule
+from .layers.conv import ConvRule, _unfold
 from .layers.linear import LinearRule
 from .quantities import Engine
 
@@ -73,8 +73,13 @@ def _layer_inputs(rec, rule, cot):
         a, g, _ = LinearRule._ag(rec, cot)
         return a, g
     if isinstance(rule, ConvRule) and rec.module.groups == 1:
-        U, g = ConvRule._ug(rec, cot)
-        return U[:, 0].mT, g[:, :, 0].mT  # (N, L, I), (M, N, L, O)
+        # the unfolded input feature-major (I, N, L), seen as (N, L, I): its reshape to
+        # (N·L, I) is a view, so A = aᵀa takes no transposed copy of it
+        if "unfolded_fm" not in rec.cache:
+            rec.cache["unfolded_fm"] = _unfold(rec.module, rec.input, 1, feature_major=True)
+        U = rec.cache["unfolded_fm"]
+        g = cot.reshape(cot.shape[0], U.shape[1], -1, U.shape[-1])  # (M, N, O, L)
+        return U.permute(1, 2, 0), g.mT  # (N, L, I), (M, N, L, O)
     return None
 
 

@@ -27,12 +27,14 @@ __all__ = ["ConvRule"]
 _KERNEL_COLUMNS = 4
 
 
-def _unfold(m, x, groups):
+def _unfold(m, x, groups, feature_major: bool = False):
     """The input patches ``(N, G, C_in/G · kernel, L)`` (the layout of ``F.unfold``, in 1,
     2 or 3 dimensions): zero padding, then one strided slice copy per kernel offset (for a
     5×5 kernel 25 copies of (N, C, *L)). Several times faster on CPU than ``F.unfold``, a
     one-hot-kernel convolution, or one copy of the ``Tensor.unfold`` view (whose innermost
-    runs are a few elements long)."""
+    runs are a few elements long). ``feature_major`` (groups = 1): ``(C_in · kernel, N, L)``
+    instead, whose rows are contiguous over samples and positions (the Kronecker factor
+    ``A = U Uᵀ`` is then one GEMM on it, without a transposed copy)."""
     k, d = m.kernel_size, len(m.kernel_size)
     N, C = x.shape[0], x.shape[1]
     pad = [p for p in reversed(m.padding) for _ in range(2)]
@@ -40,11 +42,18 @@ def _unfold(m, x, groups):
         x = F.pad(x, pad)
     L = [(x.shape[2 + i] - m.dilation[i] * (k[i] - 1) - 1) // m.stride[i] + 1
          for i in range(d)]
-    out = torch.empty((N, C, *k, *L), dtype=x.dtype, device=x.device)
+    shape = (C, *k, N, *L) if feature_major else (N, C, *k, *L)
+    out = torch.empty(shape, dtype=x.dtype, device=x.device)
     for offset in itertools.product(*(range(ki) for ki in k)):
         window = tuple(slice(o * m.dilation[i], o * m.dilation[i] + m.stride[i] * (L[i] - 1)
                              + 1, m.stride[i]) for i, o in enumerate(offset))
-        out[(slice(None), slice(None), *offset)] = x[(slice(None), slice(None), *window)]
+        patch = x[(slice(None), slice(None), *window)]
+        if feature_major:
+            out[(slice(None), *offset)] = patch.transpose(0, 1)
+        else:
+            out[(slice(None), slice(None), *offset)] = patch
+    if feature_major:
+        return out.view(C * math.prod(k), N, -1)
     return out.view(N, groups, (C // groups) * math.prod(k), -1)
 
 
