@@ -131,13 +131,14 @@ def record_chain(model: nn.Module, spec: MLPSpec, tensors: Mapping[str, torch.Te
     """The records of a multilayer perceptron (``_mlp.mlp_spec``) from one forward pass of
     raw tensor operations (``_mlp.mlp_linearize``): no autograd graph, no hooks. Each
     Linear layer holding a differentiated parameter gets a record of its input (its
-    ``output`` is None: the cotangents come from ``_mlp.mlp_layer_cotangents``). None when
+    ``output`` is None: the cotangents come from ``_mlp.mlp_layer_cotangents``); the
+    caller checks the output for NaN (``check_output``). None when
     the input does not fit the chain (``record_forward`` then takes it). The fixed cost of
     hooks, ``functional_call`` and autograd is most of a small model's time."""
     if mlp_input_problem(spec, X, dtype) is not None:
         return None
-    lin = mlp_linearize(spec, tensors, X)
-    _check_output(lin.out)
+    lin = mlp_linearize(spec, tensors, X)  # (its output's NaN check: by the caller, on the
+    # loss gradient, which holds every NaN of the output: one reduction instead of two)
     layers, index = [], []
     for i, (layer, state) in enumerate(zip(spec.layers[spec.start:], lin.layers)):
         if not isinstance(state, _LinearState) or (state.wi is None and state.bi is None):
@@ -153,7 +154,7 @@ def record_chain(model: nn.Module, spec: MLPSpec, tensors: Mapping[str, torch.Te
     return Recording(lin.out, layers, [], {}, lin, tuple(index))
 
 
-def _check_output(out):
+def check_output(out):
     if bool(torch.isnan(out.detach()).any()):
         raise FloatingPointError(
             "The model output holds NaN values, so its curvature is undefined: the "
@@ -236,7 +237,7 @@ def _record(model, tensors, names, X, owners, activations, clone):
             f"The model returned a {type(out).__name__}; the curvature quantities need one "
             "output tensor (wrap the model so that it returns the logits)."
         )
-    _check_output(out)
+    check_output(out)
     rec = Recording(out, layers, acts, leaves)
     rec._versions = versions
     return rec

@@ -66,7 +66,7 @@ from . import _memory
 from ._data import Batches, check_eval_mode, progress_bar, require_tqdm, resolve_params
 from ._distributed import group_sums, rank_seed, resolve_group, unwrap_ddp
 from ._mlp import MLPSpec, _activation, mlp_layer_cotangents, mlp_spec
-from ._records import _reaching, backprop, param_owners, record_chain, record_forward
+from ._records import _reaching, backprop, check_output, param_owners, record_chain, record_forward
 from .layers import rule_for
 from .layers._base import MODULE_RULE
 from .layers.linear import square_sum
@@ -145,18 +145,26 @@ class Engine:
         self.dtype = next(iter(dtypes))
         self.device = next(iter(self.params.values())).device
         check_eval_mode(model, False)
-        _check_batch_first(model)
-        self.mc_samples = mc_samples
-        self.seed = seed
-        self.vectorize = vectorize
-        self.owners = param_owners(model, self.names)
-        self.tensors = {n: p.detach() for n, p in model.named_parameters()}
-        self.tensors.update({n: p.detach() for n, p in self.params.items()})
         # a multilayer perceptron is recorded and back-propagated with raw tensor
         # operations (``_mlp``), without hooks or autograd (not for the Hessian diagonal,
         # whose activation terms take autograd's passes)
         spec = mlp_spec(model, self.names, self.dtype, order=1)
         self.chain = spec if isinstance(spec, MLPSpec) else None
+        if self.chain is None:  # (a chain holds no module with batch_first)
+            _check_batch_first(model)
+        self.mc_samples = mc_samples
+        self.seed = seed
+        self.vectorize = vectorize
+        self._owners = None
+        self.tensors = {n: p.detach() for n, p in model.named_parameters()}
+        self.tensors.update({n: p.detach() for n, p in self.params.items()})
+
+    @property
+    def owners(self) -> dict:
+        """``_records.param_owners`` of the model (for ``record_forward``), made once."""
+        if self._owners is None:
+            self._owners = param_owners(self.model, self.names)
+        return self._owners
 
     def new_generator(self):
         if self.seed is None:
@@ -195,6 +203,8 @@ class Engine:
         # entrywise check only where it is not finite (it may overflow alone)
         if not bool(torch.isfinite(residual.sum())) and not bool(
                 torch.isfinite(residual).all()):
+            if rec.chain is not None:  # (record_forward checks the output itself)
+                check_output(out)
             raise FloatingPointError(
                 "The loss gradient at the model output holds NaN or inf values, so the "
                 "curvature is undefined: the model output or the targets are not finite "

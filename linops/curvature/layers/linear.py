@@ -64,13 +64,17 @@ def summed(a, g, bias: bool):
 
 
 def _weighted_sq(g, w):
+    """Σₘ wₘ gₘ² of ``g`` (M, N, O): (N, O)."""
+    if g.shape[0] == 1:
+        g0 = g[0].square()
+        return g0 if w is None else g0.mul_(w[0, :, None])
     g2 = g * g
-    return g2 if w is None else g2 * w[:, :, None]
+    return (g2 if w is None else g2 * w[:, :, None]).sum(0)
 
 
 def sum_sq(a, g, w, bias: bool):
     """T = 1 only: Σₘₙ w (∇W)², Σₘₙ w (∇b)²."""
-    g2 = _weighted_sq(g[:, :, 0], w).sum(0)  # (N, O)
+    g2 = _weighted_sq(g[:, :, 0], w)  # (N, O)
     out = {"weight": torch.mm(g2.T, a[:, 0] ** 2)}
     if bias:
         out["bias"] = g2.sum(0)
@@ -78,7 +82,7 @@ def sum_sq(a, g, w, bias: bool):
 
 
 def sum_sq_batch(a, g, w, bias: bool):
-    g2 = _weighted_sq(g[:, :, 0], w).sum(0)  # (N, O)
+    g2 = _weighted_sq(g[:, :, 0], w)  # (N, O)
     w = _memory.empty((*g2.shape, a.shape[-1]), torch.result_type(g2, a), g2.device)
     out = {"weight": torch.mul(g2[:, :, None], (a[:, 0] ** 2)[:, None, :], out=w)}
     if bias:
