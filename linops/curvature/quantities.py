@@ -185,7 +185,8 @@ class Engine:
         return rec
 
     def prepare(self, X, y, sets: set, generator, activations: bool = False,
-                grad: bool = True, param_grad: bool = False, prescale: bool = False):
+                grad: bool = True, param_grad: bool = False, prescale: bool = False,
+                grad_layers: bool = True):
         """One batch's forward pass with records and the cotangent column sets (``"grad"``
         always, ``"exact"``: the loss Hessian's square root, ``"mc"``: sampled) back-
         propagated to every recorded layer in one batched pass. Returns ``(plan,
@@ -230,7 +231,7 @@ class Engine:
             if c > 0 and c != 1:
                 cols = {k: v * (1 / c if k == "grad" else c ** -0.5) for k, v in cols.items()}
             plan.prescaled = c
-        plan.propagate(out, cols, param_grad)
+        plan.propagate(out, cols, param_grad, grad_layers)
         return plan, loss_state, out, N
 
     def batch(self, X, y, want: set, generator, gradient: bool = False,
@@ -248,9 +249,9 @@ class Engine:
         need_grad = gradient or bool(want & set(FIRST_ORDER))
         if not need_grad and need_h:
             need_grad = "curved"
-        plan, loss_state, out, N = self.prepare(X, y, sets, generator, need_h, need_grad,
-                                                param_grad=gradient,
-                                                prescale=prescale)
+        plan, loss_state, out, N = self.prepare(
+            X, y, sets, generator, need_h, need_grad, param_grad=gradient, prescale=prescale,
+            grad_layers=bool(want & set(FIRST_ORDER)) or need_h)
         if need_h:
             plan.check_hessian_graph()
 
@@ -343,7 +344,7 @@ class _Plan:
         self.model_cots = {}
 
     # ------------------------------------------------------------- propagation
-    def propagate(self, out, sets: dict, param_grad: bool = False):
+    def propagate(self, out, sets: dict, param_grad: bool = False, grad_layers: bool = True):
         """Back-propagate the cotangent column sets to every recorded layer output in one
         batched pass (the gradient column also to the activations'). ``param_grad`` (with a
         ``"grad"`` set):
@@ -356,7 +357,7 @@ class _Plan:
         # Hessian's second-order terms): it goes alone when activations are recorded
         if "grad" in sets and (param_grad or self.rec.activations):
             sets = dict(sets)
-            self._propagate_gradient(out, sets.pop("grad"), param_grad)
+            self._propagate_gradient(out, sets.pop("grad"), param_grad, grad_layers)
             if not sets:
                 return
         names = list(sets)
@@ -395,7 +396,16 @@ class _Plan:
         return not (self.engine.device.type == "cpu" and any(
             isinstance(r.module, nn.modules.conv._ConvNd) for r in self.rec.layers))
 
-    def _propagate_gradient(self, out, cot, param_grad: bool = True):
+    def _propagate_gradient(self, out, cot, param_grad: bool = True, layers: bool = True):
+        """``layers=False`` (with ``param_grad``): the summed gradient alone (no name reads
+        the gradient's cotangents at the layers), so autograd keeps none of them."""
+        if not layers and param_grad and not self.rec.activations:
+            leaves = list(self.rec.leaves.values())
+            got = torch.autograd.grad(out, leaves, cot[0], retain_graph=True,
+                                      allow_unused=True, materialize_grads=True)
+            self.model_cots["grad"] = cot
+            self.param_grads = dict(zip(self.rec.leaves, got))
+            return
         targets = [r.output for r in self.rec.layers]
         acts = [a.output for a in self.rec.activations]
         reach = _reaching(out, targets + acts)
