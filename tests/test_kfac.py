@@ -204,6 +204,21 @@ def test_convolution_factors_and_conventions():
     torch.testing.assert_close(red[1], Ubar.T @ Ubar / N)
     exp = KFAC(model, loss, (X, y), fisher="exact", kfac_approx="expand").factors["0.weight"]
     torch.testing.assert_close(exp[1], torch.einsum("nil,njl->ij", U, U) / (N * L))
+    # G of "reduce" is that of the bias too; G of "expand" sums the outer products of the
+    # cotangents at every position: against the loss Hessian's square root back-propagated
+    # by autograd, sample by sample
+    torch.testing.assert_close(red[0], G_bias)
+    h = conv(X)
+    out = model[3](model[2](model[1](h)))
+    G_exp = 0
+    for n in range(N):
+        Hn = torch.func.hessian(lambda o, n=n: loss(o.unsqueeze(0), y[n:n + 1]))(out[n].detach())
+        evals, evecs = torch.linalg.eigh(Hn)
+        S = evecs * evals.clamp(min=0).sqrt()  # S Sᵀ = Hn
+        for c in range(S.shape[1]):
+            g = torch.autograd.grad(out[n], h, S[:, c], retain_graph=True)[0][n]  # (O, 3, 3)
+            G_exp = G_exp + g.reshape(3, -1) @ g.reshape(3, -1).T
+    torch.testing.assert_close(exp[0], G_exp / N)
     assert bp[0].shape == (3, 3) and bp[1].shape == (2 * 9, 2 * 9)
 
 

@@ -577,3 +577,22 @@ def test_user_hooks_params_subsets_scalars_and_detached_results():
     for name in q:
         for t in q[name].values():
             assert not t.requires_grad, name
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_batched_grad_reduces_each_column_as_it_comes(vectorize):
+    from linops.autodiff._linearization import batched_grad
+
+    torch.manual_seed(0)
+    W = torch.randn(4, 3, dtype=F64, requires_grad=True)
+    x = torch.randn(5, 3, dtype=F64)
+    h = x @ W.T  # (5, 4)
+    out = torch.tanh(h).sum(1)  # (5,)
+    U = torch.randn(3, 5, dtype=F64)
+    full = batched_grad([out], [h, W], [U], 3, vectorize)
+    got = batched_grad([out], [h, W], [U], 3, vectorize, reduce=[lambda c: c.sum(0), None])
+    torch.testing.assert_close(got[0], full[0].sum(1))
+    torch.testing.assert_close(got[1], full[1])
+    for m in range(3):  # against one autograd call per column
+        want = torch.autograd.grad(out, h, U[m], retain_graph=True)[0]
+        torch.testing.assert_close(full[0][m], want)

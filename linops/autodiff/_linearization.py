@@ -57,6 +57,7 @@ def batched_grad(
     grad_outputs: Sequence[torch.Tensor],
     k: int,
     vectorize: bool,
+    reduce: Sequence | None = None,
 ) -> list[torch.Tensor]:
     """``autograd.grad`` for k cotangents at once, keeping the graph.
 
@@ -67,11 +68,27 @@ def batched_grad(
         k: the number of cotangents.
         vectorize: vmapped passes (``is_grads_batched=True``) over at most ``VMAP_CHUNK``
             columns each, or a loop of k passes.
+        reduce: for each ``x_i`` None or a function applied to each column's gradient
+            (``(*x_i.shape)`` → any tensor) before the columns are stacked: in the loop,
+            right after its pass, so the k full gradients never coexist (a convolution's
+            output cotangents summed over positions: a tenth of their size or less).
 
     Returns:
         For each ``x_i`` a tensor ``(k, *x_i.shape)``: ``Σ_j (∂o_j/∂x_i)ᵀ grad_outputs_j``,
-        zeros where ``x_i`` does not reach the outputs.
+        zeros where ``x_i`` does not reach the outputs (reduced column by column where
+        ``reduce`` says so).
     """
+    if reduce is not None and any(f is not None for f in reduce):
+        if vectorize or k == 1:
+            full = batched_grad(outputs, inputs, grad_outputs, k, vectorize)
+            return [g if f is None else torch.stack([f(c) for c in g])
+                    for g, f in zip(full, reduce)]
+        kw = dict(retain_graph=True, materialize_grads=True)
+        cols = []
+        for i in range(k):
+            got = torch.autograd.grad(outputs, inputs, [g[i] for g in grad_outputs], **kw)
+            cols.append([c if f is None else f(c) for c, f in zip(got, reduce)])
+        return [torch.stack(c) for c in zip(*cols)]
     kw = dict(retain_graph=True, materialize_grads=True)
     if k == 1:
         res = torch.autograd.grad(outputs, inputs, [g[0] for g in grad_outputs], **kw)

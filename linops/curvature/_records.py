@@ -267,7 +267,7 @@ def _modified_in_place(rec: Recording) -> bool:
 
 
 def backprop(output: torch.Tensor, targets: Sequence[torch.Tensor], cot: torch.Tensor,
-             vectorize: bool) -> list:
+             vectorize: bool, reduce: Sequence | None = None) -> list:
     """``M`` cotangents at ``output`` back-propagated to each of ``targets``.
 
     Args:
@@ -275,9 +275,12 @@ def backprop(output: torch.Tensor, targets: Sequence[torch.Tensor], cot: torch.T
         targets: tensors of the graph (recorded layer outputs).
         cot: ``(M, *output.shape)``.
         vectorize: one vmapped pass (``is_grads_batched``) instead of a loop over columns.
+        reduce: None, or per target None or a function applied to each column's cotangent
+            (``autodiff._linearization.batched_grad``).
 
     Returns:
-        For each target ``(M, *target.shape)``, or None where it does not reach ``output``.
+        For each target ``(M, *target.shape)`` (or ``(M, *reduced shape)``), or None where
+        it does not reach ``output``.
     """
     M = cot.shape[0]
     reach = _reaching(output, targets)
@@ -285,7 +288,8 @@ def backprop(output: torch.Tensor, targets: Sequence[torch.Tensor], cot: torch.T
     res = [None] * len(targets)
     if not idx or M == 0:
         return res
-    got = batched_grad([output], [targets[i] for i in idx], [cot], M, vectorize)
+    got = batched_grad([output], [targets[i] for i in idx], [cot], M, vectorize,
+                       None if reduce is None else [reduce[i] for i in idx])
     for i, g in zip(idx, got):
         res[i] = g
     return res

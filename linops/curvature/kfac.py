@@ -46,6 +46,7 @@ from ._data import Batches
 from ._distributed import group_sums, rank_seed, resolve_group, unwrap_ddp
 from ._mlp import _Act, _activation, mlp_spec
 from .layers import linear as linear_rules
+from .layers import rule_for
 from .layers.conv import ConvRule, _unfold
 from .layers.linear import LinearRule
 from .quantities import Engine
@@ -67,11 +68,33 @@ def _check(fisher, kfac_approx, damping=None):
                          f"{kfac_approx!r}.")
 
 
+def _conv_kronecker(rec) -> bool:
+    """Whether the engine's plan takes ``rec`` by the convolution rule with one group."""
+    rule = rule_for(rec.module)
+    return isinstance(rule, ConvRule) and rec.module.groups == 1 and rule.problem(rec) is None
+
+
+def _reducer(rec):
+    """The per-column reduction of a groups-1 convolution's output cotangents for the
+    conventions that read only their sum over positions (``"backpack"``, ``"reduce"``:
+    G from ``Σₜ gₜ`` per sample, as the bias): summed as each column comes out of its
+    backward pass, so the M full columns are never stacked (KFLR on the reference CNN: 59
+    MB for its first layer)."""
+    if _conv_kronecker(rec):
+        return lambda c: c.sum(tuple(range(2, c.ndim)))  # (N, O, *L) → (N, O)
+    return None
+
+
 def _layer_inputs(rec, rule, cot):
-    """``(a (N, T, I), g (M, N, T, O))`` of a Linear or groups-1 Conv call, or None."""
+    """``(a (N, T, I), g (M, N, T, O))`` of a Linear or groups-1 Conv call, or None; a
+    convolution's cotangents reduced by ``_reducer`` (M, N, O) come as g (M, N, 1, O)."""
     if isinstance(rule, LinearRule):
         a, g, _ = LinearRule._ag(rec, cot)
         return a, g
+    if isinstance(rule, ConvRule) and rec.module.groups == 1 and cot.ndim == 3:
+        if "unfolded_fm" not in rec.cache:
+            rec.cache["unfolded_fm"] = _unfold(rec.module, rec.input, 1, feature_major=True)
+        return rec.cache["unfolded_fm"].permute(1, 2, 0), cot.unsqueeze(2)
     if isinstance(rule, ConvRule) and rec.module.groups == 1:
         # the unfolded input feature-major (I, N, L), seen as (N, L, I): its reshape to
         # (N·L, I) is a view, so A = aᵀa takes no transposed copy of it
@@ -170,9 +193,10 @@ class _Collector:
         for X, y in batches:
             # the gradient (for the operator's .gradient) from autograd's own kernels; the
             # factors alone need the gradient column only for the empirical Fisher
-            plan, loss_state, out, N = eng.prepare(X, y, sets, gen, grad=gradient or key == "grad",
-                                                   param_grad=gradient,
-                                                   grad_layers=key == "grad")
+            plan, loss_state, out, N = eng.prepare(
+                X, y, sets, gen, grad=gradient or key == "grad", param_grad=gradient,
+                grad_layers=key == "grad",
+                reduce=None if key == "grad" or self.approx == "expand" else _reducer)
             output = out.detach() if batches.single else None
             pieces = {p: [] for p in eng.names}
             for p in eng.names:

@@ -186,7 +186,7 @@ class Engine:
 
     def prepare(self, X, y, sets: set, generator, activations: bool = False,
                 grad: bool = True, param_grad: bool = False, prescale: bool = False,
-                grad_layers: bool = True):
+                grad_layers: bool = True, reduce=None):
         """One batch's forward pass with records and the cotangent column sets (``"grad"``
         always, ``"exact"``: the loss Hessian's square root, ``"mc"``: sampled) back-
         propagated to every recorded layer in one batched pass. Returns ``(plan,
@@ -231,7 +231,7 @@ class Engine:
             if c > 0 and c != 1:
                 cols = {k: v * (1 / c if k == "grad" else c ** -0.5) for k, v in cols.items()}
             plan.prescaled = c
-        plan.propagate(out, cols, param_grad, grad_layers)
+        plan.propagate(out, cols, param_grad, grad_layers, reduce)
         return plan, loss_state, out, N
 
     def batch(self, X, y, want: set, generator, gradient: bool = False,
@@ -344,7 +344,8 @@ class _Plan:
         self.model_cots = {}
 
     # ------------------------------------------------------------- propagation
-    def propagate(self, out, sets: dict, param_grad: bool = False, grad_layers: bool = True):
+    def propagate(self, out, sets: dict, param_grad: bool = False, grad_layers: bool = True,
+                  reduce=None):
         """Back-propagate the cotangent column sets to every recorded layer output in one
         batched pass (the gradient column also to the activations'). ``param_grad`` (with a
         ``"grad"`` set):
@@ -364,7 +365,11 @@ class _Plan:
         sizes = [sets[k].shape[0] for k in names]
         cot = torch.cat([sets[k] for k in names]) if len(names) > 1 else sets[names[0]]
         targets = [r.output for r in self.rec.layers]
-        got = backprop(out, targets, cot, self._vectorize())
+        # ``reduce`` (a function of a layer record → None or a per-column reduction of its
+        # cotangents, e.g. KFAC's sum over a convolution's positions): those layers' cots
+        # hold the reduced columns, for the caller that asked
+        got = backprop(out, targets, cot, self._vectorize(),
+                       None if reduce is None else [reduce(r) for r in self.rec.layers])
         start = 0
         for k, size in zip(names, sizes):
             sl = slice(start, start + size)
