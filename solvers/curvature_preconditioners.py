@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import math
 
+import torch
+
+import linops
 from linops import I_like, LinearOperator
 from linops.curvature import EKFAC, KFAC, DiagGGN
 from linops.curvature._base import CurvatureOperator
 
 from .inverse import inv
 
-__all__ = ["curvature_preconditioner", "PRECONDITIONER_KINDS"]
+__all__ = ["curvature_preconditioner", "PRECONDITIONER_KINDS", "spd_inverse",
+           "inverse_factor"]
 
 #: the approximations ``curvature_preconditioner`` builds
 PRECONDITIONER_KINDS = ("diag", "diag-mc", "kfac", "kfac-mc", "ekfac")
@@ -76,4 +80,58 @@ def curvature_preconditioner(G: CurvatureOperator, kind: str = "kfac", damping: 
                  mc_samples=mc_samples, seed=seed)
     if C.shape != G.shape:
         raise ValueError(f"The approximation has shape {C.shape} but G has {G.shape}.")
+    if isinstance(C, linops.BlockDiag):
+        # block by block: the dense blocks (biases) as explicit inverses (float64 Cholesky,
+        # checked once: spd_inverse), so an application is a GEMV instead of a checked
+        # Cholesky solve
+        # (on the reference MLP the bias blocks took 40 % of a K-FAC preconditioner's
+        # product); the Kronecker blocks by their exact structural inverse
+        blocks = []
+        for b in C.blocks:
+            if isinstance(b, linops.Dense):
+                M = b.M + damping * torch.eye(b.shape[0], dtype=b.M.dtype, device=b.M.device)
+                blocks.append(inverse_factor(linops.PSD(linops.Dense(M)), float64=True))
+            else:
+                blocks.append(inv(b + damping * I_like(b)))
+        out = linops.BlockDiag(*blocks)
+        out._tags = frozenset({"self_adjoint", "psd"})
+        return out
     return inv(C + damping * I_like(C))
+
+
+def spd_inverse(M: torch.Tensor, float64: bool = False) -> linops.LinearOperator | None:
+    """The explicit inverse of a damped SPD factor (Cholesky in M's dtype, and in float64
+    where that is not accurate enough; ``float64``: in float64 alone, the inverse then
+    exact up to its rounding to M's dtype), in M's dtype, checked once on a fixed probe:
+    the inverse actually applied must solve to √eps of the dtype. None where no precision
+    gives that (the π heuristic left this factor a tiny share of the damping): the caller
+    then solves with the factor itself, as ``inv`` does, whose checked solves report any
+    trouble."""
+    M64 = M.to(torch.float64)
+    v = torch.cos(torch.arange(M.shape[0], dtype=torch.float64, device=M.device))
+    tried = []
+    # (float32 first where allowed: 2× faster for the K-FAC optimizer's large factors)
+    for dtype in (torch.float64,) if float64 else dict.fromkeys((M.dtype, torch.float64)):
+        L, info = torch.linalg.cholesky_ex(M64 if dtype == torch.float64 else M.to(dtype))
+        tried.append(int(info))
+        if int(info) != 0:
+            continue
+        Minv = torch.cholesky_inverse(L)
+        Minv = ((Minv + Minv.mT) / 2).to(M.dtype)  # exactly symmetric (CG needs it)
+        err = float(torch.linalg.vector_norm(M64 @ (Minv.to(torch.float64) @ v) - v)
+                    / torch.linalg.vector_norm(v))
+        if err <= torch.finfo(M.dtype).eps ** 0.5:
+            return linops.PSD(linops.Dense(Minv))
+    if tried[-1] != 0:  # not even float64 could factor it
+        raise FloatingPointError(
+            "A damped curvature block (a K-FAC factor, a dense bias block) is not positive "
+            "definite (non-finite or indefinite); raise damping or check the model's "
+            "outputs.")
+    return None
+
+
+def inverse_factor(F: linops.LinearOperator, float64: bool = False) -> linops.LinearOperator:
+    """``F⁻¹`` of a damped SPD ``Dense`` block: explicit (``spd_inverse``) where accurate,
+    else the checked solves of ``inv(F)``."""
+    explicit = spd_inverse(F.M, float64)
+    return explicit if explicit is not None else inv(F)

@@ -92,7 +92,7 @@ def test_pi_damping_in_float32_with_small_damping():
         steps[name] = _flat(model).double() - before
     torch.testing.assert_close(steps["f32"], steps["f64"], rtol=2e-3,
                                atol=2e-3 * float(steps["f64"].abs().max()))
-    from solvers.optim.kfac import _spd_inverse
+    from solvers.curvature_preconditioners import spd_inverse as _spd_inverse
 
     with pytest.raises(FloatingPointError, match="positive definite"):
         _spd_inverse(torch.full((3, 3), float("nan")))
@@ -108,7 +108,7 @@ def test_pi_damping_in_float32_with_small_damping():
     assert float((got @ c.float() - want).abs().max()) <= 1e-4 * float(want.abs().max())
     # ... so that factor is solved with instead, as the generic inverse does
     import linops
-    from solvers.optim.kfac import _inverse_factor
+    from solvers.curvature_preconditioners import inverse_factor as _inverse_factor
 
     F = linops.PSD(linops.Dense(ill.float()))
     b = torch.randn(6)

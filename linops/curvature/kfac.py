@@ -31,6 +31,7 @@ closest to the block in Frobenius norm.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -119,21 +120,41 @@ class _Factors:
         setattr(self, name, value if old is None else old + value)
 
 
-def _weight_factors(pieces, approx):
-    """G and A (unnormalized) and A's count from the uses ``[(a, g)]`` of one weight."""
+def _weight_factors(pieces, approx, gbar_gram, need_G: bool = True):
+    """G (or None without ``need_G``) and A (unnormalized) and A's count from the uses
+    ``[(a, g)]`` of one weight; ``gbar_gram()`` gives ``Σ ḡ ḡᵀ`` (ḡ = Σₜ g), shared with the
+    layer's bias, which has the same G wherever the weight's G is that (every convention
+    but ``expand`` over several positions)."""
     a = _stack([p[0] for p in pieces], 1)  # uses stacked along T
-    g = _stack([p[1] for p in pieces], 2)
     N, T = a.shape[0], a.shape[1]
-    gbar = g.sum(2)  # (M, N, O)
+    T_g = sum(p[1].shape[2] for p in pieces)
+    G = None
+    if need_G:
+        G = _gram(_stack([p[1] for p in pieces], 2)) if approx == "expand" and T_g > 1 \
+            else gbar_gram()
     if approx == "expand":
         af = a.reshape(-1, a.shape[-1])
-        return _gram(g), af.mT @ af, N * T
-    G = torch.einsum("mno,mnp->op", gbar, gbar)
+        return G, af.mT @ af, N * T
     if approx == "reduce":
         abar = a.mean(1)
         return G, abar.mT @ abar, N
     af = a.reshape(-1, a.shape[-1])
     return G, af.mT @ af, N
+
+
+def _shared_gbar_gram(memo, uses, pieces):
+    """``_gbar_gram`` of a parameter's pieces, computed once per set of layer calls."""
+    k = tuple(u[0] for u in uses)
+    if k not in memo:
+        memo[k] = _gbar_gram([ag for _, ag in pieces])
+    return memo[k]
+
+
+def _gbar_gram(pieces):
+    """``Σₘₙ ḡₘₙ ḡₘₙᵀ`` with ``ḡ = Σ`` over the uses and positions of g (M, N, T, O)."""
+    gbar = sum(p[1][:, :, 0] if p[1].shape[2] == 1 else p[1].sum(2) for p in pieces)
+    gf = gbar.reshape(-1, gbar.shape[-1])
+    return gf.mT @ gf
 
 
 def _gram(g):
@@ -150,11 +171,6 @@ def _gram(g):
 
 def _stack(ts, dim):
     return ts[0] if len(ts) == 1 else torch.cat(ts, dim=dim)
-
-
-def _bias_factor(pieces):
-    gbar = sum(p[1].sum(2) for p in pieces)
-    return torch.einsum("mno,mnp->op", gbar, gbar)
 
 
 class _Collector:
@@ -215,16 +231,20 @@ class _Collector:
                     kinds.setdefault(p, "weight" if got[0][0] == "weight" else "bias")
                 else:
                     kinds[p] = "dense" if self.unsupported == "dense" else "dropped"
+            memo = {}  # the uses' record indices -> Σ ḡ ḡᵀ (a weight's and its bias's G)
             for p in eng.names:
                 f = factors[p]
+                gbar_gram = functools.partial(_shared_gbar_gram, memo, plan.uses[p], pieces[p])
                 if kinds[p] == "weight":
-                    Gw, Aw, n = _weight_factors([ag for _, ag in pieces[p]], self.approx)
-                    if not self.kfra:  # KFRA's G comes from its own recursion
+                    # (KFRA's G comes from its own recursion)
+                    Gw, Aw, n = _weight_factors([ag for _, ag in pieces[p]], self.approx,
+                                                gbar_gram, not self.kfra)
+                    if not self.kfra:
                         f.add("G", Gw)
                     f.add("A", Aw)
                     f.count += n
                 elif kinds[p] == "bias" and not self.kfra:
-                    f.add("G", _bias_factor([ag for _, ag in pieces[p]]))
+                    f.add("G", gbar_gram())
                 elif kinds[p] == "dense":
                     numel = eng.params[p].numel()
                     if numel > DENSE_BLOCK_LIMIT:

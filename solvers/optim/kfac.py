@@ -6,6 +6,7 @@ import torch
 
 import linops
 
+from ..curvature_preconditioners import inverse_factor
 from ..inverse import inv
 from ._base import CurvatureOptimizer, positive
 
@@ -114,38 +115,6 @@ class KFAC(CurvatureOptimizer):
         return loss, outputs.detach(), last
 
 
-def _spd_inverse(M: torch.Tensor) -> linops.LinearOperator | None:
-    """The explicit inverse of a damped SPD factor (Cholesky in M's dtype, and in float64
-    where that is not accurate enough), in M's dtype, checked once on a fixed probe: the
-    inverse actually applied must solve to √eps of the dtype. None where no precision
-    gives that (the π heuristic left this factor a tiny share of the damping): the caller
-    then solves with the factor itself, as ``inv`` does, whose checked solves report any
-    trouble."""
-    M64 = M.to(torch.float64)
-    v = torch.cos(torch.arange(M.shape[0], dtype=torch.float64, device=M.device))
-    tried = []
-    for dtype in dict.fromkeys((M.dtype, torch.float64)):  # float32 first: 2× faster
-        L, info = torch.linalg.cholesky_ex(M64 if dtype == torch.float64 else M.to(dtype))
-        tried.append(int(info))
-        if int(info) != 0:
-            continue
-        Minv = torch.cholesky_inverse(L).to(M.dtype)
-        err = float(torch.linalg.vector_norm(M64 @ (Minv.to(torch.float64) @ v) - v)
-                    / torch.linalg.vector_norm(v))
-        if err <= torch.finfo(M.dtype).eps ** 0.5:
-            return linops.PSD(linops.Dense(Minv))
-    if tried[-1] != 0:  # not even float64 could factor it
-        raise FloatingPointError(
-            "KFAC: a damped Kronecker factor is not positive definite (non-finite or "
-            "indefinite factors); raise damping or check the model's outputs.")
-    return None
-
-
-def _inverse_factor(F: linops.LinearOperator) -> linops.LinearOperator:
-    explicit = _spd_inverse(F.M)
-    return explicit if explicit is not None else inv(F)
-
-
 def _explicit_inverse(damped: linops.BlockDiag) -> linops.BlockDiag:
     """The inverse of π-damped K-FAC (``KFAC.damped(λ, "pi")``: Kronecker blocks of dense
     damped factors, dense bias blocks) as explicit inverse matrices, computed once per
@@ -155,9 +124,9 @@ def _explicit_inverse(damped: linops.BlockDiag) -> linops.BlockDiag:
     blocks = []
     for b in damped.blocks:
         if isinstance(b, linops.Kronecker):
-            blocks.append(linops.Kronecker(*(_inverse_factor(F) for F in b.factors)))
+            blocks.append(linops.Kronecker(*(inverse_factor(F) for F in b.factors)))
         else:
-            blocks.append(_inverse_factor(b))
+            blocks.append(inverse_factor(b))
     out = linops.BlockDiag(*blocks)
     out._tags = frozenset({"self_adjoint", "psd"})
     return out
