@@ -110,8 +110,10 @@ def spd_inverse(M: torch.Tensor, float64: bool = False) -> linops.LinearOperator
     M64 = M.to(torch.float64)
     v = torch.cos(torch.arange(M.shape[0], dtype=torch.float64, device=M.device))
     tried = []
-    # (float32 first where allowed: 2× faster for the K-FAC optimizer's large factors)
-    for dtype in (torch.float64,) if float64 else dict.fromkeys((M.dtype, torch.float64)):
+    # (float32 first where allowed: 2× faster for the K-FAC optimizer's large factors;
+    # half precisions have no Cholesky: float64 alone)
+    low = not float64 and M.dtype == torch.float32
+    for dtype in (M.dtype, torch.float64) if low else (torch.float64,):
         L, info = torch.linalg.cholesky_ex(M64 if dtype == torch.float64 else M.to(dtype))
         tried.append(int(info))
         if int(info) != 0:

@@ -258,6 +258,30 @@ def test_cross_entropy_with_probability_targets(op_key):
     _check(OPERATORS[op_key](model, loss_fn, _batches(X, y)), ref, "cpu")
 
 
+@pytest.mark.parametrize("op_key", ["ggn", "hessian"])
+@pytest.mark.parametrize("model_kind", ["mlp", "conv"])
+def test_weighted_cross_entropy_mean_divides_by_the_weight_sum(op_key, model_kind):
+    """A weighted mean divides by Σ w_{y_n}, here not an integer (6.5 over the first
+    batch, 13.5 in all): a count truncated to an int scaled every product wrongly."""
+    g = torch.Generator().manual_seed(4)
+    torch.manual_seed(4)
+    if model_kind == "mlp":  # (the MLP fast path)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(F64)
+        X = torch.randn(N, 3, generator=g, dtype=F64)
+    else:  # (the autograd path)
+        model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)).to(F64)
+        X = torch.randn(N, 1, 6, generator=g, dtype=F64)
+    y = torch.tensor([0, 1, 2, 2, 1, 0, 1, 2, 0, 1, 1, 1])
+    w = torch.tensor([0.5, 1.0, 2.0], dtype=F64)
+    loss_fn = nn.CrossEntropyLoss(weight=w, label_smoothing=0.1)
+    ref = REFS[op_key](model, loss_fn, X, y, dict(model.named_parameters()))
+    assert float(w[y].sum()) == 13.5
+    op = OPERATORS[op_key](model, loss_fn, (X, y))
+    assert op.num_terms == 13.5
+    _check(op, ref, "cpu")
+    _check(OPERATORS[op_key](model, loss_fn, _batches(X, y)), ref, "cpu")
+
+
 # ------------------------------------------------------------------ Monte-Carlo Fisher
 @pytest.mark.parametrize("loss_key", ["ce-mean", "ce-sum", "mse-mean", "bce-sum"])
 def test_mc_fisher_converges_to_the_ggn(loss_key):

@@ -115,3 +115,17 @@ def test_pi_damping_in_float32_with_small_damping():
     torch.testing.assert_close(_inverse_factor(F) @ b,
                                torch.linalg.solve(ill, b.double()).float(), rtol=0.05,
                                atol=0.05 * float(torch.linalg.solve(ill, b.double()).abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_factors_are_inverted_in_float64(dtype):
+    from solvers.curvature_preconditioners import spd_inverse
+
+    Q = torch.linalg.qr(torch.randn(5, 5, dtype=F64))[0]
+    M = Q @ torch.diag(torch.linspace(1, 2, 5, dtype=F64)) @ Q.T
+    got = spd_inverse(M.to(dtype))  # (no Cholesky in half precision: float64, then cast)
+    assert got is not None and got.dtype == dtype
+    c = torch.randn(5, dtype=F64)
+    want = torch.linalg.solve(M, c)
+    assert float((got @ c.to(dtype)).double().sub(want).abs().max()) <= 0.05 * float(
+        want.abs().max())

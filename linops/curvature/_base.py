@@ -33,7 +33,7 @@ from ._routes import (
     kernels_for,
     select_output,
 )
-from .losses import loss_curvature
+from .losses import as_count, loss_curvature
 
 __all__ = ["CurvatureOperator"]
 
@@ -252,7 +252,7 @@ class CurvatureOperator(LinearOperator):
         if self.cached:
             self._states = list(self._linearize_pass())
             total = sum(self._loss_curv.count(s["loss"]) for s in self._states)
-            self._num_terms = int(total)
+            self._num_terms = as_count(total)
             if self._num_terms == 0 and self._group is None:
                 raise ValueError(
                     "Every target is ignore_index: the loss has no term, its curvature "
@@ -561,8 +561,9 @@ class CurvatureOperator(LinearOperator):
 
     # -------------------------------------------------------------- metadata
     @property
-    def num_terms(self) -> int | None:
-        """The number of terms the loss sums (what a mean divides by), once known."""
+    def num_terms(self) -> int | float | None:
+        """The number of terms the loss sums (what a mean divides by; for a weighted cross
+        entropy the sum of the targets' class weights), once known."""
         return self._num_terms
 
     def _to(self, dtype, device):

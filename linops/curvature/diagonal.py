@@ -10,6 +10,7 @@ from ..diagonal import Diagonal
 from ..params import ParamSpace
 from ._data import Batches
 from ._distributed import group_sums, rank_seed, resolve_group, unwrap_ddp
+from .losses import as_count
 from .quantities import Engine, run
 
 __all__ = ["DiagGGN", "DiagHessian", "operator_diagonal", "diagonal_pieces"]
@@ -52,7 +53,7 @@ class _CurvatureDiagonal(Diagonal):
         #: the model output of a single batch (None over several batches), detached
         self.output = info["output"]
         #: the number of terms the loss sums (what a mean divides by)
-        self.num_terms = int(info["num_terms"])
+        self.num_terms = as_count(info["num_terms"])
         self._loss_name = engine.loss_curv.name
 
     def _repr(self):

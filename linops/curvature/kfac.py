@@ -50,6 +50,7 @@ from .layers import linear as linear_rules
 from .layers import rule_for
 from .layers.conv import ConvRule, _unfold
 from .layers.linear import LinearRule
+from .losses import as_count
 from .quantities import Engine
 
 __all__ = ["KFAC", "EKFAC", "kfac_factors", "KFAC_APPROX"]
@@ -432,7 +433,7 @@ class KFAC(BlockDiag):
                      "fisher": fisher, "kfra": kfra, "kfac_approx": kfac_approx}
         self.loss = info["loss"]
         self.gradient = self.param_space.join([info["gradient"][p] for p in names]).detach()
-        self.num_terms = info["num_terms"]
+        self.num_terms = as_count(info["num_terms"])
         #: the model output of a single batch (None over several), detached
         self.output = info["output"]
         self._label = "KFRA" if kfra else fisher

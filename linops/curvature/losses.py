@@ -38,6 +38,14 @@ __all__ = ["LossCurvature", "loss_curvature", "SUPPORTED_LOSSES"]
 SUPPORTED_LOSSES = ("CrossEntropyLoss", "MSELoss", "BCEWithLogitsLoss")
 
 
+def as_count(total):
+    """A total count of loss terms as a Python number: an int where it is one, else the
+    float it is (a weighted cross entropy's mean divides by the sum of the targets' class
+    weights, 6.5 say, which ``int`` would truncate)."""
+    t = float(total)
+    return int(t) if t.is_integer() else t
+
+
 def loss_curvature(loss_fn) -> LossCurvature:
     """The closed forms for ``loss_fn``; raises if the loss or its settings are not
     supported."""
@@ -90,7 +98,8 @@ class LossCurvature:
 
     def count(self, state: dict):
         """The number of terms a mean reduction divides by, in this batch (an int, or a
-        0-d tensor when it depends on the targets' values)."""
+        0-d tensor when it depends on the targets' values: the sum of the targets' class
+        weights for a weighted cross entropy, not an integer then)."""
         return state["count"]
 
     def hessian_product(self, state: dict, T: torch.Tensor) -> torch.Tensor:

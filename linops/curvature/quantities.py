@@ -42,7 +42,12 @@ per-sample ``vjp`` of that module alone; a parameter that no module call account
 (used directly in a parent's ``forward``, or besides its module's own call) by the
 per-sample ``vjp`` of the whole
 model. Between the layers, autograd carries the cotangents (activations, pooling,
-residual connections, attention), so no model structure is assumed.
+residual connections, attention), so no model structure is assumed. A multilayer
+perceptron (``_mlp.mlp_spec``: an ``nn.Sequential`` of Linear layers, elementwise
+activations, Flatten, Identity, inactive dropout) is recorded and back-propagated with raw
+tensor operations instead (``_records.record_chain``): no hooks, no graph (except for the
+Hessian diagonal), the same results; on ``Sequential(Flatten(), Linear(784, 10))`` at
+batch 512 that took ``batch_l2`` from 1.6 to 1.0 forward + backward.
 
 The exact Hessian diagonal adds, to the GGN part, the second-order terms of the
 elementwise activation modules (``nn.Tanh``, ``nn.Sigmoid``, ``nn.SiLU``, ``nn.GELU``,
