@@ -80,6 +80,24 @@ class KFAC(CurvatureOptimizer):
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer; got {mc_samples!r}.")
 
+    def _blockwise_step(self, X, y, chosen):
+        """``p ← p − lr · B_p g_p`` with ``B_p`` parameter p's block of the cached inverse;
+        returns the loss, the outputs and the squared norms of the gradient and the step."""
+        device = self._device()
+        params = [p for _, p, _ in chosen]
+        with torch.enable_grad():
+            outputs = self.model(X.to(device) if isinstance(X, torch.Tensor) else X)
+            value = self.loss_fn(outputs, y.to(device))
+        grads = torch.autograd.grad(value, params, allow_unused=True, materialize_grads=True)
+        sq = []
+        with torch.no_grad():
+            for (_, p, grp), g, B in zip(chosen, grads, self._inverse.blocks):
+                d = (B @ g.reshape(-1)).view_as(p)
+                sq.append(torch.stack([g.square().sum(), d.square().sum()]))
+                p.add_(d, alpha=-grp["lr"])
+        sq_g, sq_d = torch.stack(sq).sum(0).tolist()
+        return value.detach(), outputs.detach(), sq_g, sq_d
+
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         self._inverse = None  # refreshed at the next step
@@ -105,6 +123,14 @@ class KFAC(CurvatureOptimizer):
             self._inverse = (_explicit_inverse(damped) if self.damping_kind == "pi"
                              else inv(damped))
             loss, g, outputs = K.loss, K.gradient, K.output
+        elif self.process_group is None and len(self._inverse.blocks) == len(chosen):
+            # between refreshes on one process: the gradient and the step parameter by
+            # parameter (one block of the inverse each), without the flat vector's copies
+            X, y = batch
+            loss, outputs, sq_g, sq_d = self._blockwise_step(X, y, chosen)
+            last = dict(refreshed=False, grad_norm=sq_g ** 0.5, step_norm=sq_d ** 0.5,
+                        seed=None)
+            return loss, outputs, last
         else:
             X, y = batch
             loss, g, outputs = self._loss_and_gradient(X, y, [p for _, p, _ in chosen])
