@@ -10,7 +10,6 @@ several, per group). Transposed convolutions, padding modes other than zeros and
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
@@ -29,32 +28,30 @@ _KERNEL_COLUMNS = 4
 
 def _unfold(m, x, groups, feature_major: bool = False):
     """The input patches ``(N, G, C_in/G · kernel, L)`` (the layout of ``F.unfold``, in 1,
-    2 or 3 dimensions): zero padding, then one strided slice copy per kernel offset (for a
-    5×5 kernel 25 copies of (N, C, *L)). Several times faster on CPU than ``F.unfold``, a
-    one-hot-kernel convolution, or one copy of the ``Tensor.unfold`` view (whose innermost
-    runs are a few elements long). ``feature_major`` (groups = 1): ``(C_in · kernel, N, L)``
-    instead, whose rows are contiguous over samples and positions (the Kronecker factor
-    ``A = U Uᵀ`` is then one GEMM on it, without a transposed copy)."""
+    2 or 3 dimensions): zero padding, then the windows as a view (``Tensor.unfold`` per
+    spatial dimension, every dilation-th entry of each window) permuted so the output
+    positions are innermost, and one copy of that: its inner runs are rows of the input
+    (2-2.5× faster on CPU than one strided copy per kernel offset, which in turn beat
+    ``F.unfold`` and a one-hot-kernel convolution several times). ``feature_major``
+    (groups = 1): ``(C_in · kernel, N, L)`` instead, whose rows are contiguous over samples
+    and positions (the Kronecker factor ``A = U Uᵀ`` is then one GEMM on it, without a
+    transposed copy)."""
     k, d = m.kernel_size, len(m.kernel_size)
     N, C = x.shape[0], x.shape[1]
     pad = [p for p in reversed(m.padding) for _ in range(2)]
     if any(pad):
         x = F.pad(x, pad)
-    L = [(x.shape[2 + i] - m.dilation[i] * (k[i] - 1) - 1) // m.stride[i] + 1
-         for i in range(d)]
-    shape = (C, *k, N, *L) if feature_major else (N, C, *k, *L)
-    out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    for offset in itertools.product(*(range(ki) for ki in k)):
-        window = tuple(slice(o * m.dilation[i], o * m.dilation[i] + m.stride[i] * (L[i] - 1)
-                             + 1, m.stride[i]) for i, o in enumerate(offset))
-        patch = x[(slice(None), slice(None), *window)]
-        if feature_major:
-            out[(slice(None), *offset)] = patch.transpose(0, 1)
-        else:
-            out[(slice(None), slice(None), *offset)] = patch
+    v = x
+    for i in range(d):  # (N, C, L_1..L_d, K_1..K_d): windows of the dilated extent
+        span = m.dilation[i] * (k[i] - 1) + 1
+        v = v.unfold(2 + i, span, m.stride[i])
+    if any(dl > 1 for dl in m.dilation):
+        v = v[(Ellipsis, *(slice(None, None, dl) for dl in m.dilation))]
+    pos = list(range(2, 2 + d))
+    ker = list(range(2 + d, 2 + 2 * d))
     if feature_major:
-        return out.view(C * math.prod(k), N, -1)
-    return out.view(N, groups, (C // groups) * math.prod(k), -1)
+        return v.permute(1, *ker, 0, *pos).reshape(C * math.prod(k), N, -1)
+    return v.permute(0, 1, *ker, *pos).reshape(N, groups, (C // groups) * math.prod(k), -1)
 
 
 #: a Conv2d input whose kernel rows hold at least this many entries (C_in/groups · kernel
@@ -65,8 +62,8 @@ _ROW_VIEW_MIN = 32
 
 
 def _row_pieces(m, x):
-    """A Conv2d input unfolded along its width only: one strided copy per kernel column
-    into ``X`` (N, C, k_w, H, L_w), a third of the full unfold's copies for a 5×5 kernel,
+    """A Conv2d input unfolded along its width only: one copy of its width windows into
+    ``X`` (N, C, k_w, H, L_w), a third of the full unfold's entries for a 5×5 kernel,
     whose kernel row ``a`` then gives the patches ``(N, G, C/G · k_w, L)`` of the weight's
     slice ``[:, :, a, :]`` as a strided view (rows (c, j) at a constant stride, the L
     output positions contiguous). ``[(a, U_a)]``, or None where this does not apply
@@ -82,9 +79,8 @@ def _row_pieces(m, x):
         x = F.pad(x, [pw, pw, ph, ph])
     H, W = x.shape[2], x.shape[3]
     Lh, Lw = H - dh * (kh - 1), (W - dw * (kw - 1) - 1) // sw + 1
-    X = torch.empty((N, C, kw, H, Lw), dtype=x.dtype, device=x.device)
-    for j in range(kw):
-        X[:, :, j] = x[:, :, :, j * dw: j * dw + sw * (Lw - 1) + 1: sw]
+    v = x.unfold(3, dw * (kw - 1) + 1, sw)[..., ::dw]  # (N, C, H, L_w, k_w), a view
+    X = v.permute(0, 1, 4, 2, 3).contiguous()  # (N, C, k_w, H, L_w): one copy
     return [(a, X[:, :, :, a * dh: a * dh + Lh].view(N, G, (C // G) * kw, Lh * Lw))
             for a in range(kh)]
 
