@@ -181,6 +181,12 @@ class _CrossEntropy(LossCurvature):
         self.class_weight = loss_fn.weight
 
     def prepare(self, output, target):
+        if (output.ndim >= 2 and target.dtype == torch.long and self.class_weight is None
+                and self.smoothing == 0 and target.numel()
+                and target.shape == (output.shape[0], *output.shape[2:])):  # the common case
+            state = self._plain_indices(output, target)
+            if state is not None:
+                return state
         if output.ndim < 2:
             raise ValueError(
                 f"CrossEntropyLoss needs model outputs of shape (N, C) or (N, C, d1, ...), "
@@ -230,15 +236,6 @@ class _CrossEntropy(LossCurvature):
                     f"along dimension 1) needs class-index targets of shape {expected}; got "
                     f"{tuple(target.shape)}."
                 )
-            if w is None and eps == 0 and target.numel():  # the common case, in few
-                # operations (most of a small model's loss preparation is their overhead)
-                lo, hi = torch.aminmax(target)
-                lo, hi = int(lo), int(hi)
-                if 0 <= lo and hi < C and not lo <= self.ignore_index <= hi:
-                    q = torch.zeros_like(probs).scatter_(1, target.unsqueeze(1).long(), 1.0)
-                    # s = 1 (None): every target valid, unit weights
-                    return {"p": probs, "q": q, "s": None, "count": target.numel(),
-                            "cdim": 1 - output.ndim}
             valid = target != self.ignore_index
             bad = valid & ((target < 0) | (target >= C))
             if bool(bad.any()):
@@ -257,6 +254,21 @@ class _CrossEntropy(LossCurvature):
             count = wy.sum()
         s_ = q.sum(dim=1, keepdim=True)
         return {"p": probs, "q": q, "s": s_, "count": count, "cdim": 1 - output.ndim}
+
+    def _plain_indices(self, output, target):
+        """The state for valid class indices without weights or smoothing (None if some
+        target is out of range or ignored): the operations of the general path that
+        matter, without its checks' overhead (most of a small model's preparation)."""
+        C = output.shape[1]
+        lo, hi = torch.aminmax(target)
+        lo, hi = int(lo), int(hi)
+        if not (0 <= lo and hi < C and not lo <= self.ignore_index <= hi):
+            return None
+        probs = _softmax_classes(output.detach())
+        q = torch.zeros_like(probs).scatter_(1, target.unsqueeze(1), 1.0)
+        # s = 1 (None): every target valid, unit weights
+        return {"p": probs, "q": q, "s": None, "count": target.numel(),
+                "cdim": 1 - output.ndim}
 
     def hessian_product(self, state, T):
         hp = softmax_hessian_product(state["p"], T, dim=state["cdim"])

@@ -207,7 +207,7 @@ class Engine:
         residual = self.loss_curv.residual(loss_state)
         # (-inf logits of masked classes pass); the sum first: one reduction, and the
         # entrywise check only where it is not finite (it may overflow alone)
-        if not bool(torch.isfinite(residual.sum())) and not bool(
+        if not math.isfinite(float(residual.sum())) and not bool(
                 torch.isfinite(residual).all()):
             if rec.chain is not None:  # (record_forward checks the output itself)
                 check_output(out)
@@ -831,7 +831,6 @@ def run(engine: Engine, data, names, progress: bool = False, gradient: bool = Fa
     generator = engine.new_generator()
     acc, per_sample = {}, {n: {} for n in names if n in PER_SAMPLE}
     grad, value, count, N_total, output = None, 0.0, 0, 0, None
-    limit = _memory_limit(engine.device)
     total = len(batches) if batches.has_len() else None
     # one batch on one process: the mean's scaling goes on the cotangents (1/c on the
     # gradient column, 1/√c on square-root columns) instead of on the results, which are
@@ -844,6 +843,7 @@ def run(engine: Engine, data, names, progress: bool = False, gradient: bool = Fa
         if i == 0 and per_sample:
             expected = _expected_samples(data, batches, res["_N"])
             need = _per_sample_bytes(engine, names, res) / max(1, res["_N"])
+            limit = _memory_limit(engine.device)
             if expected is not None and need * expected > limit:
                 raise MemoryError(
                     f"The per-sample names {sorted(per_sample)} over {expected} samples would "
