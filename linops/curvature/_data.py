@@ -110,9 +110,10 @@ def _to_device(X, device):
     return X
 
 
-def resolve_params(model: nn.Module, params) -> dict[str, torch.Tensor]:
-    """The parameters to differentiate: all trainable ones by default, or a named subset."""
-    named = dict(model.named_parameters())
+def resolve_params(model: nn.Module, params, named=None) -> dict[str, torch.Tensor]:
+    """The parameters to differentiate: all trainable ones by default, or a named subset.
+    ``named``: ``dict(model.named_parameters())`` where the caller has it."""
+    named = dict(model.named_parameters()) if named is None else named
     meta = [n for n, p in named.items() if p.device.type == "meta"]
     if meta:
         raise ValueError(

@@ -221,7 +221,7 @@ def _second_derivative_missing(m: nn.Module, dtype) -> str | None:
 
 
 def mlp_spec(model: nn.Module, param_names: Sequence[str], dtype: torch.dtype,
-             order: int) -> MLPSpec | str:
+             order: int, named=None) -> MLPSpec | str:
     """Recognize a multilayer perceptron, or say why ``model`` is not one.
 
     Accepted: an ``nn.Sequential`` (nested ones flattened) or a single layer, made of
@@ -238,6 +238,7 @@ def mlp_spec(model: nn.Module, param_names: Sequence[str], dtype: torch.dtype,
         param_names: the differentiated parameters, names of ``model.named_parameters()``.
         dtype: the parameters' dtype.
         order: 1 for Jacobian products, 2 for Hessian products too.
+        named: ``dict(model.named_parameters())`` where the caller has it.
 
     Returns:
         The ``MLPSpec``, or a sentence naming what does not qualify.
@@ -249,7 +250,7 @@ def mlp_spec(model: nn.Module, param_names: Sequence[str], dtype: torch.dtype,
     if _global_hooks():
         return "global module hooks are registered (torch.nn.modules.module)"
     layers, flatten_input, in_features = [], False, None
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters()) if named is None else named
     for name, m in chain:
         label = f"module {name or 'model'!r} ({type(m).__name__})"
         if _has_hooks(m):

@@ -142,7 +142,8 @@ class Engine:
             raise TypeError(f"seed must be an integer or None; got {seed!r}.")
         self.loss_curv = loss_curvature(loss_fn)
         self.model = model
-        self.params = resolve_params(model, params)
+        named = dict(model.named_parameters())  # (one walk of the module tree for all)
+        self.params = resolve_params(model, params, named)
         self.names = list(self.params)
         dtypes = {p.dtype for p in self.params.values()}
         if len(dtypes) > 1 or not next(iter(dtypes)).is_floating_point:
@@ -153,7 +154,7 @@ class Engine:
         # a multilayer perceptron is recorded and back-propagated with raw tensor
         # operations (``_mlp``), without hooks or autograd (not for the Hessian diagonal,
         # whose activation terms take autograd's passes)
-        spec = mlp_spec(model, self.names, self.dtype, order=1)
+        spec = mlp_spec(model, self.names, self.dtype, order=1, named=named)
         self.chain = spec if isinstance(spec, MLPSpec) else None
         if self.chain is None:  # (a chain holds no module with batch_first)
             _check_batch_first(model)
@@ -161,7 +162,7 @@ class Engine:
         self.seed = seed
         self.vectorize = vectorize
         self._owners = None
-        self.tensors = {n: p.detach() for n, p in model.named_parameters()}
+        self.tensors = {n: p.detach() for n, p in named.items()}
         self.tensors.update({n: p.detach() for n, p in self.params.items()})
 
     @property

@@ -54,12 +54,13 @@ def batched_outer(g, u):
 
 def summed(a, g, bias: bool):
     if a.shape[1] == 1:  # one GEMM per column, without einsum's planning
-        w = torch.matmul(g[:, :, 0].mT, a[:, 0])
+        w = torch.mm(g[0, :, 0].T, a[:, 0]).unsqueeze(0) if g.shape[0] == 1 \
+            else torch.matmul(g[:, :, 0].mT, a[:, 0])
     else:
         w = torch.einsum("mnto,nti->moi", g, a)
     out = {"weight": w}
     if bias:
-        out["bias"] = g.sum((1, 2))
+        out["bias"] = g[:, :, 0].sum(1) if g.shape[2] == 1 else g.sum((1, 2))
     return out
 
 
