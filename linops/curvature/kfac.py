@@ -93,16 +93,14 @@ def _layer_inputs(rec, rule, cot):
     if isinstance(rule, LinearRule):
         a, g, _ = LinearRule._ag(rec, cot)
         return a, g
-    if isinstance(rule, ConvRule) and rec.module.groups == 1 and cot.ndim == 3:
-        if "unfolded_fm" not in rec.cache:
-            rec.cache["unfolded_fm"] = _unfold(rec.module, rec.input, 1, feature_major=True)
-        return rec.cache["unfolded_fm"].permute(1, 2, 0), cot.unsqueeze(2)
     if isinstance(rule, ConvRule) and rec.module.groups == 1:
         # the unfolded input feature-major (I, N, L), seen as (N, L, I): its reshape to
         # (N·L, I) is a view, so A = aᵀa takes no transposed copy of it
         if "unfolded_fm" not in rec.cache:
             rec.cache["unfolded_fm"] = _unfold(rec.module, rec.input, 1, feature_major=True)
         U = rec.cache["unfolded_fm"]
+        if cot.ndim == 3:  # reduced over the positions by ``_reducer``
+            return U.permute(1, 2, 0), cot.unsqueeze(2)
         g = cot.reshape(cot.shape[0], U.shape[1], -1, U.shape[-1])  # (M, N, O, L)
         return U.permute(1, 2, 0), g.mT  # (N, L, I), (M, N, L, O)
     return None

@@ -244,11 +244,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             return shared_seed(self.process_group, self._device())
         return int(torch.randint(0, 2**31 - 1, ()).item())
 
-    def _loss_and_gradient(self, X, y, params: list | None):
+    def _loss_and_gradient(self, X, y, params: list | None, flat: bool = True):
         """``(loss, flat gradient in params or None, outputs)`` of ``loss_fn(model(X), y)``
         by one plain forward (and backward) pass; over a process group the loss and
         gradient are those of the union of the shards (the mean over the global number of
-        terms, one all-reduce) and a rank that raises makes every rank raise."""
+        terms, one all-reduce) and a rank that raises makes every rank raise. ``flat=False``
+        (one process only): the gradient as a list, one tensor per parameter."""
         device = self._device()
         Xd = X.to(device) if isinstance(X, torch.Tensor) else X
         yd = y.to(device)
@@ -260,8 +261,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if params:
                 grads = torch.autograd.grad(value, params, allow_unused=True,
                                             materialize_grads=True)
-                g = torch.cat([gr.reshape(-1) for gr in grads]).detach()
+                g = torch.cat([gr.reshape(-1) for gr in grads]).detach() if flat else grads
             return value.detach(), g, outputs.detach()
+        assert flat, "the gradient over a process group is flat (one all-reduce)"
         curv = loss_curvature(self.loss_fn)
         n = sum(p.numel() for p in params) if params else 0
         got = {}

@@ -83,12 +83,8 @@ class KFAC(CurvatureOptimizer):
     def _blockwise_step(self, X, y, chosen):
         """``p ← p − lr · B_p g_p`` with ``B_p`` parameter p's block of the cached inverse;
         returns the loss, the outputs and the squared norms of the gradient and the step."""
-        device = self._device()
-        params = [p for _, p, _ in chosen]
-        with torch.enable_grad():
-            outputs = self.model(X.to(device) if isinstance(X, torch.Tensor) else X)
-            value = self.loss_fn(outputs, y.to(device))
-        grads = torch.autograd.grad(value, params, allow_unused=True, materialize_grads=True)
+        value, grads, outputs = self._loss_and_gradient(X, y, [p for _, p, _ in chosen],
+                                                        flat=False)
         sq = []
         with torch.no_grad():
             for (_, p, grp), g, B in zip(chosen, grads, self._inverse.blocks):
@@ -96,7 +92,7 @@ class KFAC(CurvatureOptimizer):
                 sq.append(torch.stack([g.square().sum(), d.square().sum()]))
                 p.add_(d, alpha=-grp["lr"])
         sq_g, sq_d = torch.stack(sq).sum(0).tolist()
-        return value.detach(), outputs.detach(), sq_g, sq_d
+        return value, outputs, sq_g, sq_d
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)

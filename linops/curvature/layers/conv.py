@@ -146,7 +146,8 @@ class ConvRule(LayerRule):
         # the whole unfold: the per-sample gradients are the result itself, and pieces
         # would take a copy of it into the weight's layout (for sqrt_ggn_exact on the
         # reference CNN, 128 MB: twice the time)
-        pieces, g = [(None, self._ug(rec, cot)[0])], self._ug(rec, cot)[1]
+        U, g = self._ug(rec, cot)
+        pieces = [(None, U)]
         M, N, G, O, L = g.shape
         d = {}
         if "weight" in rec.params:
