@@ -78,17 +78,12 @@ def batched_grad(
         zeros where ``x_i`` does not reach the outputs (reduced column by column where
         ``reduce`` says so).
     """
-    if reduce is not None and any(f is not None for f in reduce):
-        if vectorize or k == 1:
-            full = batched_grad(outputs, inputs, grad_outputs, k, vectorize)
-            return [g if f is None else torch.stack([f(c) for c in g])
-                    for g, f in zip(full, reduce)]
-        kw = dict(retain_graph=True, materialize_grads=True)
-        cols = []
-        for i in range(k):
-            got = torch.autograd.grad(outputs, inputs, [g[i] for g in grad_outputs], **kw)
-            cols.append([c if f is None else f(c) for c, f in zip(got, reduce)])
-        return [torch.stack(c) for c in zip(*cols)]
+    if reduce is not None and not any(f is not None for f in reduce):
+        reduce = None
+    if reduce is not None and (vectorize or k == 1):  # the full columns, then reduced
+        full = batched_grad(outputs, inputs, grad_outputs, k, vectorize)
+        return [g if f is None else torch.stack([f(c) for c in g])
+                for g, f in zip(full, reduce)]
     kw = dict(retain_graph=True, materialize_grads=True)
     if k == 1:
         res = torch.autograd.grad(outputs, inputs, [g[0] for g in grad_outputs], **kw)
@@ -104,8 +99,10 @@ def batched_grad(
         return list(
             torch.autograd.grad(outputs, inputs, grad_outputs, is_grads_batched=True, **kw)
         )
+    red = reduce or [None] * len(inputs)
     cols = [
-        torch.autograd.grad(outputs, inputs, [g[i] for g in grad_outputs], **kw)
+        [c if f is None else f(c) for c, f in zip(
+            torch.autograd.grad(outputs, inputs, [g[i] for g in grad_outputs], **kw), red)]
         for i in range(k)
     ]
     return [torch.stack(c) for c in zip(*cols)]
