@@ -100,12 +100,12 @@ def _problems(names):
     return out
 
 
-def _step(model, X, y, loss_fn, kind, lam, max_iters):
+def _step(model, X, y, loss_fn, kind, lam, max_iters, mu_factor=1.0):
     t0 = time.perf_counter()
     G = GGN(model, loss_fn, (X, y))
     g = G.gradient
     t1 = time.perf_counter()
-    P = None if kind is None else solvers.curvature_preconditioner(G, kind, lam)
+    P = None if kind is None else solvers.curvature_preconditioner(G, kind, mu_factor * lam)
     t2 = time.perf_counter()
     Ainv = solvers.inv(G + lam * I_like(G),
                        alg=solvers.CG(tol=1e-3, max_iters=max_iters, preconditioner=P))
@@ -176,6 +176,9 @@ def main():
                     default=["mlp", "mlp-trained", "cnn", "cnn-trained"])
     ap.add_argument("--damping", nargs="+", type=float, default=[1e-3, 1e-4])
     ap.add_argument("--max-iters", type=int, default=200)
+    ap.add_argument("--mu-factors", nargs="+", type=float, default=[1.0],
+                    help="the preconditioners' damping μ as multiples of λ (a row each; "
+                         "μ changes CG's iterations, not the solution)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).with_name("preconditioners.json")))
     ap.add_argument("--dense-check", action="store_true",
@@ -188,12 +191,15 @@ def main():
     results = {}
     for pname, (model, X, y, loss_fn, source) in _problems(args.problems).items():
         for lam in args.damping:
-            runs = {k: [] for k in KINDS}
+            contenders = [(None, 1.0)] + [(k, f) for f in args.mu_factors for k in KINDS[1:]]
+            label = {(k, f): str(k) if f == 1.0 else f"{k} μ={f:g}λ" for k, f in contenders}
+            runs = {label[c]: [] for c in contenders}
             _step(model, X, y, loss_fn, None, lam, args.max_iters)  # warm-up
             for _ in range(args.rounds):
-                for kind in KINDS:  # interleaved
-                    runs[kind].append(_step(model, X, y, loss_fn, kind, lam, args.max_iters))
-            base = statistics.median(r["step"] for r in runs[None])
+                for kind, f in contenders:  # interleaved
+                    runs[label[kind, f]].append(
+                        _step(model, X, y, loss_fn, kind, lam, args.max_iters, f))
+            base = statistics.median(r["step"] for r in runs["None"])
             print(f"\n{pname} ({source}), damping {lam:g}, CG tol 1e-3:")
             print(f"{'preconditioner':>15} {'CG iters':>9} {'build s':>8} {'solve s':>8} "
                   f"{'step s':>8} {'step / plain':>12}")
@@ -203,7 +209,7 @@ def main():
                 status = ",".join(sorted({r["status"] for r in rs}))
                 med["status"] = status
                 results[f"{pname}/{lam:g}/{kind}"] = med
-                print(f"{str(kind):>15} {med['iterations']:>9.0f} {med['build']:>8.2f} "
+                print(f"{kind:>15} {med['iterations']:>9.0f} {med['build']:>8.2f} "
                       f"{med['solve']:>8.2f} {med['step']:>8.2f} {med['step'] / base:>12.2f}"
                       f"{'' if status == 'CONVERGED' else '  ' + status}")
     Path(args.out).write_text(json.dumps(results, indent=1))

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from .dense import Dense
 from .operator import LinearOperator
 
 __all__ = ["Kronecker"]
@@ -31,8 +32,6 @@ class Kronecker(LinearOperator):
             factors = tuple(factors[0])
         if len(factors) < 1:
             raise ValueError("Kronecker needs at least one factor.")
-        from .dense import Dense
-
         factors = tuple(Dense(f) if isinstance(f, torch.Tensor) else f for f in factors)
         for f in factors:
             if not isinstance(f, LinearOperator):
@@ -49,6 +48,9 @@ class Kronecker(LinearOperator):
         return self.factors
 
     def _apply(self, X, transpose: bool):
+        if len(self.factors) == 2 and all(isinstance(f, Dense) for f in self.factors):
+            F0, F1 = (f.M.mH if transpose else f.M for f in self.factors)
+            return _two_dense(F0, F1, X)
         k = X.shape[1]
         dims_in = [f.shape[0] if transpose else f.shape[1] for f in self.factors]
         T = X.reshape(*dims_in, k)
@@ -97,3 +99,21 @@ class Kronecker(LinearOperator):
 
     def _repr(self):
         return " ⊗ ".join(f._repr_wrapped(2) for f in self.factors)
+
+
+def _two_dense(F0: torch.Tensor, F1: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``(F0 ⊗ F1) X`` for two matrices: each column is ``vec(F0 V F1ᵀ)`` with ``V`` the
+    column as ``(n0, n1)``, two GEMMs over all columns at once, in the cheaper order (the
+    K-FAC preconditioners' and optimizers' hot path: the generic loop's transposing copies
+    and per-factor dispatch cost as much as its GEMMs on 200 × 200 factors)."""
+    (m0, n0), (m1, n1) = F0.shape, F1.shape
+    k = X.shape[1]
+    if k == 1:
+        V = X.reshape(n0, n1)
+        if m0 * n1 * (n0 + m1) <= m1 * n0 * (n1 + m0):  # (F0 V) F1ᵀ
+            return ((F0 @ V) @ F1.mT).reshape(-1, 1)
+        return (F0 @ (V @ F1.mT)).reshape(-1, 1)
+    # columns: (n0, n1, k) → F1 along n1 as one GEMM over (n0·k, n1), then F0 over n0
+    T = X.reshape(n0, n1, k).transpose(1, 2) @ F1.mT  # (n0, k, m1)
+    T = (F0 @ T.reshape(n0, k * m1)).reshape(m0, k, m1)
+    return T.transpose(1, 2).reshape(m0 * m1, k)

@@ -61,7 +61,18 @@ class KroneckerEigen(LinearOperator):
         Qs, vals = [], None
         for F in factors:
             F = F.to_dense() if isinstance(F, LinearOperator) else F
-            lam, Q = torch.linalg.eigh((F + F.mT) / 2)
+            if not bool(F.isfinite().all()):
+                raise FloatingPointError(
+                    f"A {tuple(F.shape)} Kronecker factor holds NaN or infinity: a K-FAC "
+                    "factor of a diverged model? Check the loss and the model's outputs, "
+                    "lower the learning rate or raise the damping.")
+            try:
+                lam, Q = torch.linalg.eigh((F + F.mT) / 2)
+            except torch.linalg.LinAlgError as err:
+                raise FloatingPointError(
+                    f"The eigendecomposition of a {tuple(F.shape)} Kronecker factor did not "
+                    f"converge ({err}): the factor is too ill-conditioned; raise the damping "
+                    "or rescale the model's inputs.") from err
             Qs.append(Q)
             vals = lam if vals is None else torch.outer(vals, lam).reshape(-1)
         return cls(Qs, vals + shift)

@@ -11,7 +11,7 @@ algorithms ``Auto``, ``CG``, ``MINRES``, ``GMRES``, ``Lanczos``, ``PowerIteratio
 from . import diagnostics, optim
 from .auto import Auto
 from .cg import CG
-from .curvature_preconditioners import curvature_preconditioner
+from .curvature_preconditioners import PRECONDITIONER_KINDS, curvature_preconditioner
 from .dense_algs import Cholesky, Dense, Eigh
 from .eigen import EigResult, cond, eig, eig_rule, eigmax, eigmin
 from .estimators import Estimate, Hutchinson, HutchPP, XDiag, XTrace
@@ -33,6 +33,7 @@ __all__ = [
     "inv", "solve", "pinv", "eig", "eigmax", "eigmin", "cond", "EigResult", "trace", "diag",
     "logdet", "slogdet", "sqrt", "isqrt", "exp", "log", "pow", "apply_unary",
     "jacobi", "nystrom", "pivoted_cholesky", "curvature_preconditioner",
+    "PRECONDITIONER_KINDS",
     "Solution", "Status", "NotConvergedError", "NotConvergedWarning", "InverseOperator",
     "inv_rule", "pinv_rule", "eig_rule", "trace_rule", "diag_rule", "slogdet_rule",
     "unary_rule", "optim",

@@ -69,3 +69,27 @@ def test_kronecker_eigen_rules():
     f_of = solvers.apply_unary(torch.exp, Kronecker(PSD(Dense(_spd(2, 7))), PSD(Dense(_spd(2, 8)))))
     torch.testing.assert_close(f_of.to_dense(), torch.linalg.matrix_exp(
         torch.kron(_spd(2, 7), _spd(2, 8))))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("shapes", [((4, 3), (2, 5)), ((5, 5), (2, 2)), ((1, 6), (7, 1)),
+                                    ((6, 2), (3, 3))])
+def test_two_dense_factors_against_kron(shapes, k):
+    # the two-matrix fast path (both orders of its GEMMs, one column and several) and
+    # its transpose, against torch.kron
+    g = torch.Generator().manual_seed(k)
+    A, B = (torch.randn(*s, dtype=F64, generator=g) for s in shapes)
+    K, ref = Kronecker(A, B), torch.kron(A, B)
+    X = torch.randn(ref.shape[1], k, dtype=F64, generator=g)
+    Y = torch.randn(ref.shape[0], k, dtype=F64, generator=g)
+    torch.testing.assert_close(K @ X, ref @ X, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(K.T @ Y, ref.T @ Y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(K @ X[:, 0], ref @ X[:, 0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_factor_raises_with_a_hint(bad):
+    F = torch.eye(3, dtype=F64)
+    F[0, 0] = bad
+    with pytest.raises(FloatingPointError, match="NaN or infinity"):
+        KroneckerEigen.from_factors([F, torch.eye(2, dtype=F64)])

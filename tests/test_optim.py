@@ -11,6 +11,7 @@ from torch import nn
 from torch.func import functional_call
 
 import linops
+import solvers
 from solvers import CG, NotConvergedError, NotConvergedWarning
 from solvers.optim import CGNewton, DiagGGN, GaussNewton
 
@@ -471,3 +472,72 @@ def test_learning_rate_schedulers_drive_the_groups():
     expected = ref["flat"] - 0.5 * torch.linalg.solve(ref["G"] + 0.1 * torch.eye(44, dtype=DT),
                                                       ref["g"])
     torch.testing.assert_close(_flat(model), expected, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("kind", ["kfac", "diag-mc", "ekfac"])
+def test_gauss_newton_with_a_refreshed_curvature_preconditioner(kind, monkeypatch):
+    # every step equals the dense float64 Gauss-Newton step at the current parameters
+    # (the preconditioner changes CG's path, not its answer); it is rebuilt at steps 1
+    # and 3 (refresh_every=2) and reused, unchanged, at step 2
+    import solvers.optim.gauss_newton as gn
+
+    built = []
+    real = gn.curvature_preconditioner
+
+    def spy(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(gn, "curvature_preconditioner", spy)
+    model, loss_fn, X, y = _problem()
+    opt = GaussNewton(model, loss_fn, lr=0.7, damping=0.1, alg=TIGHT, preconditioner=kind,
+                      refresh_every=2, preconditioner_damping=0.3, seed=4)
+    refreshed = []
+    for _ in range(3):
+        ref = _dense(model, loss_fn, X, y)
+        expected = ref["flat"] - 0.7 * torch.linalg.solve(
+            ref["G"] + 0.1 * torch.eye(44, dtype=DT), ref["g"])
+        opt.step((X, y))
+        torch.testing.assert_close(_flat(model), expected, rtol=1e-9, atol=1e-11)
+        refreshed.append(opt.last["preconditioner_refreshed"])
+        assert opt.last["converged"]
+    assert refreshed == [True, False, True] and len(built) == 2
+    assert opt._preconditioner is built[1]
+
+
+def test_gauss_newton_preconditioner_is_the_one_cg_runs_with():
+    # the step's CG runs exactly as CG preconditioned by curvature_preconditioner(C, kind, μ)
+    # by hand: the same iterations (unlike unpreconditioned CG) and the same iterate
+    model, loss_fn, X, y = _problem(n=40)
+    alg = CG(tol=1e-6, max_iters=500)
+    C = linops.curvature.GGN(model, loss_fn, (X, y))
+    A = C + 1e-3 * linops.I_like(C)
+    P = solvers.curvature_preconditioner(C, "kfac", 0.02)
+    by_hand = solvers.inv(A, alg=CG(tol=1e-6, max_iters=500, preconditioner=P))
+    d = by_hand @ C.gradient
+    plain = solvers.inv(A, alg=alg)
+    plain @ C.gradient
+    flat0 = _flat(model)
+    opt = GaussNewton(model, loss_fn, lr=1.0, damping=1e-3, alg=alg, preconditioner="kfac",
+                      preconditioner_damping=0.02)
+    opt.step((X, y))
+    assert opt.last["iterations"] == by_hand.solution.iterations
+    assert by_hand.solution.iterations != plain.solution.iterations
+    torch.testing.assert_close(_flat(model), flat0 - d, rtol=1e-12, atol=1e-12)
+
+
+def test_gauss_newton_preconditioner_bad_arguments():
+    model, loss_fn, X, y = _problem()
+    with pytest.raises(ValueError, match="one of"):
+        GaussNewton(model, loss_fn, preconditioner="jacobi")
+    with pytest.raises(ValueError, match="takes one"):
+        GaussNewton(model, loss_fn, preconditioner="kfac", alg=solvers.Cholesky())
+    with pytest.raises(ValueError, match="refresh_every"):
+        GaussNewton(model, loss_fn, preconditioner="kfac", refresh_every=0)
+    with pytest.raises(ValueError, match="preconditioner_damping"):
+        GaussNewton(model, loss_fn, preconditioner="kfac", preconditioner_damping=-1.0)
+    groups = [{"params": list(model[0].parameters()), "damping": 0.05},
+              {"params": list(model[2].parameters()), "damping": 0.5}]
+    opt = GaussNewton(model, loss_fn, params=groups, preconditioner="diag")
+    with pytest.raises(ValueError, match="preconditioner_damping="):
+        opt.step((X, y))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 
 import linops
 from linops import PSD, Diagonal, I_like
 
 from ..cg import CG
+from ..curvature_preconditioners import PRECONDITIONER_KINDS, curvature_preconditioner
 from ..inverse import InverseOperator, inv
 from ._base import CurvatureOptimizer, positive
 
@@ -53,6 +57,19 @@ class GaussNewton(CurvatureOptimizer):
             otherwise warns (``NotConvergedWarning``) unless ``alg.on_failure`` says not to.
         params: None (every trainable parameter of ``model``), parameters of ``model``, or
             parameter groups with their own ``lr`` and ``damping``.
+        preconditioner: None, or a curvature preconditioner for the solve: one of
+            ``solvers.PRECONDITIONER_KINDS`` (``"kfac"``, ``"kfac-mc"``, ``"ekfac"``,
+            ``"diag"``, ``"diag-mc"``), ``inv(C̃ + μ I)`` of that approximation ``C̃`` of
+            the batch's curvature, built by ``solvers.curvature_preconditioner``; ``alg``
+            must take a preconditioner (CG, the default, or ``Auto``).
+        refresh_every: rebuild the preconditioner every this many steps (1: every step);
+            the steps in between reuse the last one, as K-FAC reuses its inverses. A stale
+            preconditioner is still a fixed symmetric positive-definite matrix, so the
+            solve's answer and its stopping rule are unchanged; only its speed depends on
+            how well the preconditioner fits the current curvature.
+        preconditioner_damping: μ > 0, the preconditioner's damping (None: ``damping``).
+            It changes the number of iterations, not the solution; on the reference MLP a
+            μ of 10·λ took fewer iterations than λ (``benchmarks/preconditioners_bench.py``).
         allow_train_mode: step even with dropout or batch norm in training mode.
         process_group: a ``torch.distributed`` process group: each rank steps on its shard
             of the batch and the curvature, loss and gradient are those of the union of the
@@ -62,8 +79,9 @@ class GaussNewton(CurvatureOptimizer):
     ``opt.step((X, y))`` returns ``(loss, outputs)`` before the update. ``opt.last``:
     ``solution`` (the solver's record, or None for a structural solve), ``iterations``,
     ``converged``, ``grad_norm`` ``‖g‖``, ``step_norm`` ``‖(C + λI)⁻¹ g‖``,
-    ``directional_derivative`` ``−gᵀ(C + λI)⁻¹ g``, ``curvature`` (the operator's repr) and
-    ``seed`` (with ``mc_samples``).
+    ``directional_derivative`` ``−gᵀ(C + λI)⁻¹ g``, ``curvature`` (the operator's repr),
+    ``seed`` (with ``mc_samples``) and, with ``preconditioner=``,
+    ``preconditioner_refreshed`` (whether this step rebuilt it).
 
     Example:
         >>> import torch
@@ -83,7 +101,9 @@ class GaussNewton(CurvatureOptimizer):
 
     def __init__(self, model, loss_fn, lr: float = 1.0, damping: float = 1e-3, *,
                  fisher: bool = False, mc_samples: int | None = None, seed: int | None = None,
-                 alg=None, params=None, allow_train_mode: bool = False, process_group=None):
+                 alg=None, params=None, preconditioner: str | None = None,
+                 refresh_every: int = 1, preconditioner_damping: float | None = None,
+                 allow_train_mode: bool = False, process_group=None):
         if not isinstance(fisher, bool):
             raise TypeError(f"fisher must be True or False; got {fisher!r}.")
         if mc_samples is not None:
@@ -99,6 +119,28 @@ class GaussNewton(CurvatureOptimizer):
         self.mc_samples = mc_samples
         self.seed = seed
         self.alg = CG(tol=1e-3, max_iters=20) if alg is None else alg
+        if preconditioner is not None:
+            if preconditioner not in PRECONDITIONER_KINDS:
+                raise ValueError(f"preconditioner must be None or one of "
+                                 f"{list(PRECONDITIONER_KINDS)}; got {preconditioner!r}.")
+            if not (dataclasses.is_dataclass(self.alg)
+                    and "preconditioner" in {f.name for f in dataclasses.fields(self.alg)}):
+                raise ValueError(f"preconditioner= needs an alg that takes one (CG, Auto, "
+                                 f"MINRES); got {type(self.alg).__name__}.")
+        if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or (
+                refresh_every < 1):
+            raise ValueError(f"refresh_every must be a positive integer; got "
+                             f"{refresh_every!r}.")
+        if preconditioner_damping is not None and (
+                isinstance(preconditioner_damping, bool)
+                or not isinstance(preconditioner_damping, (int, float))
+                or not (preconditioner_damping > 0 and math.isfinite(preconditioner_damping))):
+            raise ValueError(f"preconditioner_damping must be None or a positive number; got "
+                             f"{preconditioner_damping!r}.")
+        self.preconditioner = preconditioner
+        self.refresh_every = refresh_every
+        self.preconditioner_damping = preconditioner_damping
+        self._preconditioner = None
         super().__init__(model, loss_fn, params, dict(lr=lr, damping=damping),
                          allow_train_mode=allow_train_mode, process_group=process_group)
         # check alg now, not at the first step
@@ -127,7 +169,24 @@ class GaussNewton(CurvatureOptimizer):
             d = torch.cat([torch.full((p.numel(),), grp["damping"], dtype=C.dtype,
                                       device=C.device) for _, p, grp in chosen])
             A = PSD(C + Diagonal(d))
-        Ainv = inv(A, alg=self.alg)
+        alg, refreshed = self.alg, None
+        if self.preconditioner is not None:
+            refreshed = self._preconditioner is None or (
+                (self.steps - 1) % self.refresh_every == 0)
+            if refreshed:
+                mu = self.preconditioner_damping
+                if mu is None:
+                    if len({g_["damping"] for _, _, g_ in chosen}) != 1:
+                        raise ValueError(
+                            "The parameter groups have different dampings: pass "
+                            "preconditioner_damping= (one μ for the preconditioner).")
+                    mu = chosen[0][2]["damping"]
+                mc = self.preconditioner.endswith("-mc")
+                self._preconditioner = curvature_preconditioner(
+                    C, self.preconditioner, mu,
+                    seed=self._step_seed(self.seed) if mc else 0)
+            alg = dataclasses.replace(alg, preconditioner=self._preconditioner)
+        Ainv = inv(A, alg=alg)
         step = Ainv @ g
         sol = Ainv.solution if isinstance(Ainv, InverseOperator) else None
         self._write(chosen, step, sign=-1.0)
@@ -142,4 +201,6 @@ class GaussNewton(CurvatureOptimizer):
             seed=seed,
             extra_forward=extra,
         )
+        if refreshed is not None:
+            last["preconditioner_refreshed"] = refreshed
         return loss, outputs, last
