@@ -23,6 +23,7 @@ from ._data import (
     resolve_params,
 )
 from ._distributed import Collective, resolve_group, unwrap_ddp
+from ._chain import chain_linearize, chain_spec
 from ._mlp import mlp_input_problem, mlp_linearize, mlp_spec
 from ._routes import (
     KernelSwitch,
@@ -68,7 +69,10 @@ class CurvatureOperator(LinearOperator):
         fast_path: multiply with hand-written products on raw tensors (no autograd) when
             the model is a multilayer perceptron: an ``nn.Sequential`` of ``nn.Linear``
             layers and elementwise activations, inputs ``(N, d)`` (see
-            ``linops.curvature._mlp.mlp_spec``). None uses it when the model qualifies
+            ``linops.curvature._mlp.mlp_spec``); for the GGN family (GGN,
+            EmpiricalFisher, MCFisher) also a convolutional chain: convolutions
+            (``groups=1``), max pooling, ``nn.Flatten()``, ``nn.Linear`` and elementwise
+            activations (``linops.curvature._chain``; the reference CNN is one). None uses it when the model qualifies
             (and, batch by batch, when the input does); False always uses autograd; True
             raises a ``ValueError`` naming what does not qualify. ``op.fast_path`` says
             which path the operator took.
@@ -230,20 +234,32 @@ class CurvatureOperator(LinearOperator):
         self._detect_kernels = reference_kernels is None
         self._kernels_off = reference_kernels is False
         self._route_seen = None
+        self._chain = None
         if fast_path is not False and output_fn is None:
             spec = mlp_spec(model, space.names, space.dtype, self._mlp_order)
+            if isinstance(spec, str) and self._mlp_order == 1:
+                chain = chain_spec(model, space.names, space.dtype)
+                if not isinstance(chain, str):
+                    self._chain, spec = chain, None
+                elif "no convolution" not in chain:
+                    spec = f"{spec}; nor a convolutional chain: {chain}"
             if isinstance(spec, str):
                 if fast_path:
+                    kinds = ("a multilayer perceptron (an nn.Sequential of nn.Linear layers "
+                             "and elementwise activations)")
+                    if self._mlp_order == 1:
+                        kinds += (" or a convolutional chain (convolutions, max pooling, "
+                                  "nn.Flatten, nn.Linear and elementwise activations)")
                     raise ValueError(
-                        f"fast_path=True needs a multilayer perceptron (an nn.Sequential "
-                        f"of nn.Linear layers and elementwise activations), but {spec}. "
+                        f"fast_path=True needs {kinds}, but {spec}. "
                         "Pass fast_path=None to fall back to autograd where it does not "
                         "apply."
                     )
-            else:
+            elif spec is not None:
                 self._mlp = spec
-        #: whether products use the hand-written MLP path (``_mlp.py``) rather than autograd
-        self.fast_path = self._mlp is not None
+        #: whether products use hand-written products on raw tensors (``_mlp.py``, for a
+        #: convolutional chain ``_chain.py``) rather than autograd
+        self.fast_path = self._mlp is not None or self._chain is not None
         self.cached = bool(cache or self.data.single)
         self._states = None
         self._num_terms = None
@@ -302,6 +318,19 @@ class CurvatureOperator(LinearOperator):
         tensors = {**self._frozen, **self.params}
         return mlp_linearize(self._mlp, tensors, X)
 
+    def _chain_linearize(self, X):
+        """The batch's convolutional-chain linearization, or None where autograd takes it."""
+        if self._chain is None:
+            return None
+        lin = chain_linearize(self._chain, {**self._frozen, **self.params}, X)
+        if lin is None and self._require_fast:
+            raise ValueError(
+                f"fast_path=True, but the batch input ({type(X).__name__}"
+                f"{tuple(X.shape) if isinstance(X, torch.Tensor) else ''}) does not fit the "
+                "chain (an nn.Linear layer must take (N, d) inputs). Pass fast_path=None to "
+                "fall back to autograd for such batches.")
+        return lin
+
     def _summed_value(self, out, y, loss_state) -> torch.Tensor:
         """The batch's loss summed over its terms, detached (0-dim)."""
         with torch.no_grad():
@@ -359,6 +388,8 @@ class CurvatureOperator(LinearOperator):
         says it in a sentence."""
         if self._mlp is not None and self._route_seen in (None, "mlp"):
             return Route("mlp", "hand-written", self._route)
+        if self._chain is not None and self._route_seen in (None, "chain"):
+            return Route("chain", "hand-written", self._route)
         products = self._route_seen or (self._route if self._route != "auto"
                                         else "not chosen yet")
         return Route("autograd", products, self._route, self._kernels.switches)

@@ -56,7 +56,8 @@ class Route:
     switches during its own passes (``op.info``).
 
     Attributes:
-        path: ``"mlp"`` (hand-written products on raw tensors) or ``"autograd"``.
+        path: ``"mlp"`` (hand-written products on raw tensors), ``"chain"`` (the same
+            for a convolutional chain, ``_chain.py``) or ``"autograd"``.
         products: for the GGN family how ``J v`` is computed (``"forward mode"``,
             ``"double backward"``, ``"linearize"``), for the Hessian how ``H v`` is
             (``"reverse-over-reverse"``, ``"forward-over-reverse"``); ``"not chosen yet"``
@@ -73,6 +74,9 @@ class Route:
     def __str__(self) -> str:
         if self.path == "mlp":
             return "MLP fast path: hand-written products on raw tensors (no autograd)"
+        if self.path == "chain":
+            return ("convolutional chain fast path: hand-written products through "
+                    "convolutions, pooling and Linear layers on raw tensors (no autograd)")
         kern = ("; during its passes: " + "; ".join(self.kernels) +
                 " (the user's settings restored after each pass)") if self.kernels else ""
         return f"autograd, {self.products} (route={self.requested!r}){kern}"

@@ -24,6 +24,7 @@ import torch
 
 from ..autodiff._linearization import Linearization
 from ._base import CurvatureOperator
+from ._chain import chain_gradient, chain_jvp, chain_vjp
 from ._distributed import rank_seed
 from ._mlp import mlp_gradient, mlp_jvp, mlp_vjp
 
@@ -33,9 +34,13 @@ __all__ = ["GGN", "EmpiricalFisher", "MCFisher"]
 class _JBJ(CurvatureOperator):
     def _linearize(self, X, y, generator):
         mlp = self._mlp_linearize(X)
+        chain = None if mlp is not None else self._chain_linearize(X)
         if mlp is not None:
             out = mlp.out
             state = {"mlp": mlp}
+        elif chain is not None:
+            out = chain.out
+            state = {"chain": chain}
         else:
             leaves, out = self._forward(X)
             lin = Linearization(out, leaves, self.param_space.names, rerun=self._rerun(X),
@@ -65,6 +70,11 @@ class _JBJ(CurvatureOperator):
             mlp = state["mlp"]
             V = [v.detach() for v in V]
             return mlp_vjp(mlp, self._middle(state, mlp_jvp(mlp, V, k)), k)
+        if "chain" in state:
+            chain, batched = state["chain"], self.vectorize
+            V = [v.detach() for v in V]
+            return chain_vjp(chain, self._middle(state, chain_jvp(chain, V, k, batched)), k,
+                             batched)
         lin = state["lin"]
         jv = lin.jvp(V, k)
         self._route_seen = lin.route_used
@@ -74,6 +84,8 @@ class _JBJ(CurvatureOperator):
         r = self._loss_curv.residual(state["loss"])
         if "mlp" in state:
             return mlp_gradient(state["mlp"], r)
+        if "chain" in state:
+            return chain_gradient(state["chain"], r)
         return [g[0] for g in state["lin"].vjp(r.unsqueeze(0), 1)]
 
     def _middle(self, state, T: torch.Tensor) -> torch.Tensor:
