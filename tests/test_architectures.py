@@ -287,14 +287,21 @@ def test_curvature_products_match_the_float64_ground_truth(arch):
         "hessian": ref.hvp(V),
         "ef": ref.empirical_fisher() @ V,
     }
+    # the CNN is a convolutional chain: the GGN family takes the hand-written chain
+    # (_chain.py) by default; fast_path=False checks its autograd route too
     for key, Op in (("ggn", GGN), ("hessian", Hessian), ("ef", EmpiricalFisher)):
-        op = watch(Op, model, loss_fn, (X, y))
-        for got in _products(op, V, watch):
-            _close(got, expected[key], tol)
-        info = watch(lambda o=op: o.info)
-        assert info.path == "autograd"
-        jvp_route = "double backward" if arch == "transformer" else "forward mode"
-        assert info.products == ("reverse-over-reverse" if key == "hessian" else jvp_route)
+        for fast in (None, False) if arch == "cnn" else (None,):
+            op = watch(Op, model, loss_fn, (X, y), fast_path=fast)
+            for got in _products(op, V, watch):
+                _close(got, expected[key], tol)
+            info = watch(lambda o=op: o.info)
+            if arch == "cnn" and key != "hessian" and fast is None:
+                assert info.path == "chain" and op.fast_path
+                continue
+            assert info.path == "autograd"
+            jvp_route = "double backward" if arch == "transformer" else "forward mode"
+            assert info.products == ("reverse-over-reverse" if key == "hessian"
+                                     else jvp_route)
     F = watch(MCFisher, model, loss_fn, (X, y), mc_samples=2, seed=0)
     expected_mc = ref.mc_fisher(F._states[0]["R"]) @ V
     for got in _products(F, V, watch):
@@ -471,8 +478,8 @@ def test_an_operator_is_freed_by_reference_counting_alone(Op, arch):
         op @ torch.ones(op.shape[1], 2, dtype=F64)
         assert op.gradient.shape == (op.shape[1],) and op.loss.ndim == 0 and op.info
         ref = weakref.ref(op)
-        leaf = weakref.ref(op._states[0].get("lin", op._states[0].get("graph",
-                                                                       op._states[0].get("mlp"))))
+        leaf = weakref.ref(next(v for k, v in op._states[0].items()
+                                if k in ("lin", "graph", "mlp", "chain")))
         del op
         assert ref() is None, "the operator outlived its last reference (a reference cycle)"
         assert leaf() is None, "its linearization outlived it"
