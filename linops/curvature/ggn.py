@@ -15,7 +15,10 @@ dual tensors and no graph, k columns in one vmapped pass; or the double backward
 the kept graph (``Jᵀ u``) per batch; the forward pass with its graph runs once when the
 operator is built (one batch, or ``cache=True``) or once per batch per product otherwise.
 For a multilayer perceptron (``fast_path``) ``J v`` and ``Jᵀ u`` are hand-written on raw
-tensors instead (``_mlp.py``): 4 GEMMs per layer, no autograd, k columns batched.
+tensors instead (``_mlp.py``): 4 GEMMs per layer, no autograd, k columns batched; for a
+convolutional chain (convolutions, max pooling, Flatten, Linear layers, activations) too
+(``_chain.py``): per convolution one convolution for ``J v`` and PyTorch's convolution
+backward for ``Jᵀ u``.
 """
 
 from __future__ import annotations
@@ -108,7 +111,8 @@ class GGN(_JBJ):
     ``benchmarks/architectures_bench.py``; k columns share one primal pass. For a
     multilayer perceptron (``fast_path``) building is one forward pass with raw operations
     and a product a hand-written tangent forward and backward pass (4 GEMMs per layer;
-    0.9 to 1.1 autograd gradients on the reference MLP). Over several batches without
+    0.9 to 1.1 autograd gradients on the reference MLP); the same for a convolutional
+    chain (``linops.curvature._chain``: about 1.0 gradient on the reference CNN). Over several batches without
     ``cache``, each product re-runs every batch's forward pass.
 
     Args:
