@@ -147,6 +147,11 @@ class Linearization:
             called only when every route failed.
         prefer: the route ``"auto"`` tries first (``"forward mode"`` or
             ``"double backward"``).
+        prefer_columns: with ``"auto"`` and ``prefer="double backward"``, products of
+            k > 1 columns by forward mode's one vmapped pass instead (its primal pass shared
+            by the k columns) where that works: on the attention models of
+            ``benchmarks/architectures_bench.py`` the double backward is the cheaper single
+            column and the vmapped forward mode the cheaper block.
 
     Raises:
         ValueError: if ``out`` does not depend on some input (the message names it).
@@ -163,6 +168,7 @@ class Linearization:
         route: str = "double backward",
         diagnose: Callable[[], str] | None = None,
         prefer: str = "forward mode",
+        prefer_columns: bool = False,
     ):
         if route not in JVP_ROUTES:
             raise ValueError(f"route must be one of {JVP_ROUTES}; got {route!r}.")
@@ -176,6 +182,10 @@ class Linearization:
         self.vectorize = default_vectorize(out.device) if vectorize is None else vectorize
         self.route = route
         self.prefer = prefer
+        self.prefer_columns = prefer_columns
+        self._columns_ok = True  # whether forward mode's block still works (prefer_columns)
+        #: ``"forward mode"`` once a block of columns took it (``prefer_columns``)
+        self.columns_route_used = None
         #: the route ``jvp`` took (None before the first product of ``"auto"``)
         self.route_used = None if route == "auto" else route
         self._g = None  # the double-backward graph, built on first use
@@ -213,6 +223,16 @@ class Linearization:
         """``J v`` for k tangents: ``V[i]`` has shape ``(k, *leaves[i].shape)``; returns
         ``(k, *out.shape)``."""
         route = self.route_used
+        if (k > 1 and self.prefer_columns and self._columns_ok and self.route == "auto"
+                and self._rerun is not None and self._vmap_ok):
+            try:
+                jv = self._jvp_vmapped(self._primals(), V, k)
+                self.columns_route_used = "forward mode"
+                return jv
+            except torch.OutOfMemoryError:
+                raise
+            except Exception:  # noqa: BLE001 - no forward-mode rule or no batching rule:
+                self._columns_ok = False  # the single-column route, column by column
         if route == "forward mode":
             return self._jvp_forward(V, k)
         if route == "linearize":

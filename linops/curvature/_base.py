@@ -64,7 +64,8 @@ class CurvatureOperator(LinearOperator):
         allow_train_mode: build even when dropout or batch norm modules are in training
             mode (the operator then changes from pass to pass).
         vectorize: on the autograd path, products with k columns in one vmapped pass
-            (True) or a loop (False); None picks by device (vmapped on GPU). The MLP fast
+            (True) or a loop (False); None picks by device (vmapped on GPU) and by model
+            (vmapped for attention models, whose many small operations favour one pass). The MLP fast
             path always takes the k columns in one batched pass.
         fast_path: multiply with hand-written products on raw tensors (no autograd) when
             the model is a multilayer perceptron: an ``nn.Sequential`` of ``nn.Linear``
@@ -232,8 +233,14 @@ class CurvatureOperator(LinearOperator):
         #: the kernel switches our own passes apply (see ``_routes.py``)
         self._kernels = KernelSwitch(kernels_for(model, space.device, reference_kernels))
         self._detect_kernels = reference_kernels is None
+        if vectorize is None and any("attention" in k for k in self._kernels.switches):
+            # attention models on a CPU too: their passes are many small operations, and
+            # one vmapped pass for k columns measured 20 to 30 % below a loop of k
+            # (benchmarks/architectures_bench.py, the transformer LM, 2 cores)
+            self.vectorize = True
         self._kernels_off = reference_kernels is False
         self._route_seen = None
+        self._columns_route_seen = None
         self._chain = None
         if fast_path is not False and output_fn is None:
             spec = mlp_spec(model, space.names, space.dtype, self._mlp_order)
@@ -392,6 +399,8 @@ class CurvatureOperator(LinearOperator):
             return Route("chain", "hand-written", self._route)
         products = self._route_seen or (self._route if self._route != "auto"
                                         else "not chosen yet")
+        if self._columns_route_seen is not None:
+            products += f" (blocks of columns: {self._columns_route_seen})"
         return Route("autograd", products, self._route, self._kernels.switches)
 
     # -------------------------------------------------------------- passes over the data

@@ -49,7 +49,8 @@ class _JBJ(CurvatureOperator):
             lin = Linearization(out, leaves, self.param_space.names, rerun=self._rerun(X),
                                 vectorize=self.vectorize, what="parameter",
                                 route=self._route, diagnose=self._diagnoser(X, 1),
-                                prefer=self._preferred_jvp())
+                                prefer=self._preferred_jvp(),
+                                prefer_columns=self._preferred_jvp() == "double backward")
             state = {"lin": lin}
         state["loss"] = self._loss_curv.prepare(out, y)
         state["out"], state["y"] = out.detach(), y
@@ -81,6 +82,8 @@ class _JBJ(CurvatureOperator):
         lin = state["lin"]
         jv = lin.jvp(V, k)
         self._route_seen = lin.route_used
+        if lin.columns_route_used is not None:
+            self._columns_route_seen = lin.columns_route_used
         return lin.vjp(self._middle(state, jv), k)
 
     def _state_gradient(self, state):
