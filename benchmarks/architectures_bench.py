@@ -13,8 +13,10 @@ such as torch.func's decompositions); for a product: building the operator and o
 Sides:
 
 - ``linops`` (this environment): ``GGN`` and ``Hessian`` from ``linops.curvature`` with their
-  automatic route, and the other routes for comparison (``route="double backward"``,
-  ``route="linearize"`` whose one-off trace is reported as ``ggn_linearize_trace``);
+  automatic route (for the CNN the hand-written convolutional chain), and the routes of the
+  autograd path for comparison (``fast_path=False``: ``ggn_mv_autograd`` its automatic
+  route, ``route="double backward"``, ``route="linearize"`` whose one-off trace is reported
+  in seconds as ``ggn_linearize_trace``);
 - ``peers`` (``benchmarks/.envs/peers``, made by ``bash benchmarks/setup_peers.sh peers``):
   curvlinops' ``GGNLinearOperator`` / ``HessianLinearOperator`` and BackPACK's
   ``ggn_vector_product_from_plist`` on a kept graph; at PyTorch's defaults, and for the
@@ -139,12 +141,16 @@ def ours(model, X, y, loss_fn, k, memory_only=False):
         return {}, memory, {}
     G = GGN(model, loss_fn, data)
     H = Hessian(model, loss_fn, data)
-    Gdb = GGN(model, loss_fn, data, route="double backward")
-    Glin = GGN(model, loss_fn, data, route="linearize")
+    # the routes of the autograd path (fast_path=False: a convolutional chain would take
+    # its hand-written path whatever the route)
+    Gauto = GGN(model, loss_fn, data, fast_path=False)
+    Gdb = GGN(model, loss_fn, data, route="double backward", fast_path=False)
+    Glin = GGN(model, loss_fn, data, route="linearize", fast_path=False)
     start = time.perf_counter()
     Glin @ v  # the one-off trace
     notes = {"ggn_linearize_trace": time.perf_counter() - start, "n_params": n}
     G @ v
+    G @ V  # a block too: op.info names the route of blocks where it differs
     H @ v
     notes["ggn_route"], notes["hessian_route"] = str(G.info), str(H.info)
     contenders = {
@@ -152,6 +158,7 @@ def ours(model, X, y, loss_fn, k, memory_only=False):
         "ggn_build": lambda: GGN(model, loss_fn, data),
         "ggn_mv": lambda: G @ v,
         "ggn_mm_k": lambda: G @ V,
+        "ggn_mv_autograd": lambda: Gauto @ v,
         "ggn_mv_double_backward": lambda: Gdb @ v,
         "ggn_mv_linearize": lambda: Glin @ v,
         "hessian_build": lambda: Hessian(model, loss_fn, data),
