@@ -64,15 +64,15 @@ class KroneckerEigen(LinearOperator):
             if not bool(F.isfinite().all()):
                 raise FloatingPointError(
                     f"A {tuple(F.shape)} Kronecker factor holds NaN or infinity: a K-FAC "
-                    "factor of a diverged model? Check the loss and the model's outputs, "
-                    "lower the learning rate or raise the damping.")
+                    "factor of a diverged model? Check the loss and the model's outputs "
+                    "(after an optimizer step: lower the learning rate).")
             try:
                 lam, Q = torch.linalg.eigh((F + F.mT) / 2)
             except torch.linalg.LinAlgError as err:
                 raise FloatingPointError(
                     f"The eigendecomposition of a {tuple(F.shape)} Kronecker factor did not "
-                    f"converge ({err}): the factor is too ill-conditioned; raise the damping "
-                    "or rescale the model's inputs.") from err
+                    f"converge ({err}): check the factor's scale (entries of very "
+                    "different magnitudes: rescale the model's inputs) and its values.") from err
             Qs.append(Q)
             vals = lam if vals is None else torch.outer(vals, lam).reshape(-1)
         return cls(Qs, vals + shift)

@@ -167,3 +167,23 @@ def test_a_batch_the_chain_does_not_take_falls_back_to_autograd():
     assert G.info.path == "autograd"
     with pytest.raises(ValueError, match=r"\(N, d\)"):
         GGN(model, loss_fn, (X, y), fast_path=True)
+
+
+@pytest.mark.parametrize("layers", [
+    # pooling and a convolution met by an input PyTorch takes as one unbatched sample
+    lambda: [nn.Conv1d(2, 3, 2), nn.Flatten(), nn.Linear(24, 8), nn.MaxPool1d(2),
+             nn.Linear(4, 3)],
+    lambda: [nn.Conv1d(2, 3, 2), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4, 3)],
+    lambda: [nn.Conv1d(2, 3, 2), nn.Flatten(), nn.Unflatten(1, (3, 8)),
+             nn.Conv1d(3, 2, 2), nn.Flatten(), nn.Linear(14, 3)],
+])
+def test_inputs_of_another_rank_go_through_autograd(layers):
+    model = nn.Sequential(*layers()).to(F64).eval()
+    X = torch.randn(5, 2, 9, dtype=F64, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 0, 1])
+    loss_fn = nn.CrossEntropyLoss()
+    G = GGN(model, loss_fn, (X, y))
+    ref = ref_ggn(model, loss_fn, X, y, dict(model.named_parameters()))
+    v = torch.randn(ref.shape[0], dtype=F64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(G @ v, ref @ v, rtol=1e-10, atol=1e-12)
+    assert G.info.path == "autograd"

@@ -536,8 +536,29 @@ def test_gauss_newton_preconditioner_bad_arguments():
         GaussNewton(model, loss_fn, preconditioner="kfac", refresh_every=0)
     with pytest.raises(ValueError, match="preconditioner_damping"):
         GaussNewton(model, loss_fn, preconditioner="kfac", preconditioner_damping=-1.0)
+    with pytest.raises(ValueError, match="pass one of them"):
+        GaussNewton(model, loss_fn, preconditioner="kfac",
+                    alg=CG(preconditioner=torch.eye(44, dtype=DT)))
     groups = [{"params": list(model[0].parameters()), "damping": 0.05},
               {"params": list(model[2].parameters()), "damping": 0.5}]
     opt = GaussNewton(model, loss_fn, params=groups, preconditioner="diag")
     with pytest.raises(ValueError, match="preconditioner_damping="):
         opt.step((X, y))
+
+
+def test_gauss_newton_preconditioner_is_rebuilt_when_the_parameters_change():
+    # freezing a layer between refreshes: the next step rebuilds the preconditioner for
+    # the parameters it steps, and the step is the dense reference's
+    model, loss_fn, X, y = _problem()
+    opt = GaussNewton(model, loss_fn, lr=0.5, damping=0.1, alg=TIGHT, preconditioner="kfac",
+                      refresh_every=5)
+    opt.step((X, y))
+    model[0].weight.requires_grad_(False)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    ref = _dense(model, loss_fn, X, y, names)
+    n = ref["flat"].numel()
+    expected = ref["flat"] - 0.5 * torch.linalg.solve(ref["G"] + 0.1 * torch.eye(n, dtype=DT),
+                                                      ref["g"])
+    opt.step((X, y))
+    assert opt.last["preconditioner_refreshed"]
+    torch.testing.assert_close(_flat(model, names), expected, rtol=1e-9, atol=1e-11)

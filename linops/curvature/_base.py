@@ -334,8 +334,9 @@ class CurvatureOperator(LinearOperator):
             raise ValueError(
                 f"fast_path=True, but the batch input ({type(X).__name__}"
                 f"{tuple(X.shape) if isinstance(X, torch.Tensor) else ''}) does not fit the "
-                "chain (an nn.Linear layer must take (N, d) inputs). Pass fast_path=None to "
-                "fall back to autograd for such batches.")
+                "chain (an nn.Linear layer must take (N, d) inputs, a convolution or pooling "
+                "(N, C, *spatial)). Pass fast_path=None to fall back to autograd for such "
+                "batches.")
         return lin
 
     def _summed_value(self, out, y, loss_state) -> torch.Tensor:
@@ -399,9 +400,8 @@ class CurvatureOperator(LinearOperator):
             return Route("chain", "hand-written", self._route)
         products = self._route_seen or (self._route if self._route != "auto"
                                         else "not chosen yet")
-        if self._columns_route_seen is not None:
-            products += f" (blocks of columns: {self._columns_route_seen})"
-        return Route("autograd", products, self._route, self._kernels.switches)
+        return Route("autograd", products, self._route, self._kernels.switches,
+                     self._columns_route_seen)
 
     # -------------------------------------------------------------- passes over the data
     def _linearize(self, X, y, generator) -> dict:

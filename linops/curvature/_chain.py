@@ -187,8 +187,10 @@ def _conv_args(m):
 
 def chain_linearize(spec: ChainSpec, tensors: Mapping[str, torch.Tensor],
                     X: torch.Tensor) -> ChainLinearization | None:
-    """One forward pass with raw operations; None where the batch does not fit (a Linear
-    layer meets an input that is not ``(N, d)``, or ``X`` is not a tensor)."""
+    """One forward pass with raw operations; None where the batch does not fit (``X`` is
+    not a tensor, or a layer meets an input of another rank than ``(N, d)`` for Linear,
+    ``(N, C, *spatial)`` with 1, 2 or 3 spatial dimensions for convolution and pooling:
+    PyTorch would take some of those as one unbatched sample)."""
     if not isinstance(X, torch.Tensor) or X.ndim < 2:
         return None
     index = {n: i for i, n in enumerate(spec.param_names)}
@@ -200,7 +202,7 @@ def chain_linearize(spec: ChainSpec, tensors: Mapping[str, torch.Tensor],
             if isinstance(layer, _Param):
                 W = tensors[layer.weight].detach()
                 b = None if layer.bias is None else tensors[layer.bias].detach()
-                if layer.dim == 0 and a.ndim != 2:
+                if a.ndim != layer.dim + 2:  # (N, d) for Linear, (N, C, *spatial) else
                     return None
                 if active:
                     layers.append(_ParamState(m, layer.dim, W, b, a, index.get(layer.weight),
@@ -214,6 +216,8 @@ def chain_linearize(spec: ChainSpec, tensors: Mapping[str, torch.Tensor],
                 a, d1, _ = _activation(m, a, 1)
                 layers.append(_State("act", d1=d1))
             elif layer.kind == "pool":
+                if a.ndim != layer.dim + 2:  # an unbatched input to PyTorch's pooling
+                    return None
                 shape = tuple(a.shape)
                 a, idx = _POOL_FN[layer.dim](a, m.kernel_size, m.stride, m.padding,
                                              m.dilation, m.ceil_mode, return_indices=True)

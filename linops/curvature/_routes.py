@@ -64,12 +64,16 @@ class Route:
             until the first product decides between the routes of ``"auto"``.
         requested: the ``route=`` the operator was built with (``"auto"`` picks).
         kernels: the switches applied during the operator's passes (empty: none).
+        columns: the route of products with several columns where it differs from
+            ``products`` (attention models: ``"forward mode"``, one vmapped pass), once
+            one ran; None otherwise.
     """
 
     path: str
     products: str
     requested: str
     kernels: tuple[str, ...] = ()
+    columns: str | None = None
 
     def __str__(self) -> str:
         if self.path == "mlp":
@@ -79,7 +83,8 @@ class Route:
                     "convolutions, pooling and Linear layers on raw tensors (no autograd)")
         kern = ("; during its passes: " + "; ".join(self.kernels) +
                 " (the user's settings restored after each pass)") if self.kernels else ""
-        return f"autograd, {self.products} (route={self.requested!r}){kern}"
+        cols = f"; blocks of columns: {self.columns}" if self.columns else ""
+        return f"autograd, {self.products} (route={self.requested!r}){cols}{kern}"
 
 
 class KernelSwitch:

@@ -50,7 +50,8 @@ class _JBJ(CurvatureOperator):
                                 vectorize=self.vectorize, what="parameter",
                                 route=self._route, diagnose=self._diagnoser(X, 1),
                                 prefer=self._preferred_jvp(),
-                                prefer_columns=self._preferred_jvp() == "double backward")
+                                prefer_columns=(self._preferred_jvp() == "double backward"
+                                                and self.vectorize))
             state = {"lin": lin}
         state["loss"] = self._loss_curv.prepare(out, y)
         state["out"], state["y"] = out.detach(), y

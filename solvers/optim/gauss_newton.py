@@ -127,6 +127,9 @@ class GaussNewton(CurvatureOptimizer):
                     and "preconditioner" in {f.name for f in dataclasses.fields(self.alg)}):
                 raise ValueError(f"preconditioner= needs an alg that takes one (CG, Auto, "
                                  f"MINRES); got {type(self.alg).__name__}.")
+            if self.alg.preconditioner is not None:
+                raise ValueError("alg has a preconditioner of its own and preconditioner= "
+                                 "asks for a curvature preconditioner: pass one of them.")
         if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or (
                 refresh_every < 1):
             raise ValueError(f"refresh_every must be a positive integer; got "
@@ -141,6 +144,7 @@ class GaussNewton(CurvatureOptimizer):
         self.refresh_every = refresh_every
         self.preconditioner_damping = preconditioner_damping
         self._preconditioner = None
+        self._preconditioner_layout = None
         super().__init__(model, loss_fn, params, dict(lr=lr, damping=damping),
                          allow_train_mode=allow_train_mode, process_group=process_group)
         # check alg now, not at the first step
@@ -171,8 +175,11 @@ class GaussNewton(CurvatureOptimizer):
             A = PSD(C + Diagonal(d))
         alg, refreshed = self.alg, None
         if self.preconditioner is not None:
-            refreshed = self._preconditioner is None or (
-                (self.steps - 1) % self.refresh_every == 0)
+            # rebuilt every refresh_every steps, and whenever the parameters stepped
+            # change (a group frozen or added): the cached one has their layout
+            layout = tuple((n, tuple(p.shape)) for n, p, _ in chosen)
+            refreshed = (self._preconditioner is None or layout != self._preconditioner_layout
+                         or (self.steps - 1) % self.refresh_every == 0)
             if refreshed:
                 mu = self.preconditioner_damping
                 if mu is None:
@@ -185,6 +192,7 @@ class GaussNewton(CurvatureOptimizer):
                 self._preconditioner = curvature_preconditioner(
                     C, self.preconditioner, mu,
                     seed=self._step_seed(self.seed) if mc else 0)
+                self._preconditioner_layout = layout
             alg = dataclasses.replace(alg, preconditioner=self._preconditioner)
         Ainv = inv(A, alg=alg)
         step = Ainv @ g
