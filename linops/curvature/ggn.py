@@ -111,13 +111,14 @@ class GGN(_JBJ):
     Cost: building one batch runs its forward pass (keeping its graph); each product
     column then costs a forward-mode pass (primal and tangent, no graph; on attention
     models the double backward instead, see ``route``) and a reverse pass over the kept
-    graph, 1.5 to 2 gradients on the transformer, CNN and ResNet of
-    ``benchmarks/architectures_bench.py``; k columns share one primal pass. For a
+    graph, 1.4 to 1.7 gradients on the transformer, CNN (``fast_path=False``) and ResNet
+    of ``benchmarks/architectures_bench.py``; k columns share one primal pass. For a
     multilayer perceptron (``fast_path``) building is one forward pass with raw operations
     and a product a hand-written tangent forward and backward pass (4 GEMMs per layer;
     0.9 to 1.1 autograd gradients on the reference MLP); the same for a convolutional
-    chain (``linops.curvature._chain``: about 1.0 gradient on the reference CNN). Over several batches without
-    ``cache``, each product re-runs every batch's forward pass.
+    chain (``linops.curvature._chain``: 0.8 to 0.9 gradients on the reference CNN).
+    Over several batches without ``cache``, each product re-runs every batch's forward
+    pass.
 
     Args:
         model, loss_fn, data, params, cache, progress, allow_train_mode, vectorize,
