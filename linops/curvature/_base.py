@@ -13,6 +13,7 @@ from torch import nn
 from ..autodiff._linearization import JVP_ROUTES
 from ..operator import LinearOperator
 from ..params import ParamSpace
+from ._chain import chain_linearize, chain_spec
 from ._data import (
     Batches,
     check_eval_mode,
@@ -23,7 +24,6 @@ from ._data import (
     resolve_params,
 )
 from ._distributed import Collective, resolve_group, unwrap_ddp
-from ._chain import chain_linearize, chain_spec
 from ._mlp import mlp_input_problem, mlp_linearize, mlp_spec
 from ._routes import (
     KernelSwitch,
@@ -65,18 +65,19 @@ class CurvatureOperator(LinearOperator):
             mode (the operator then changes from pass to pass).
         vectorize: on the autograd path, products with k columns in one vmapped pass
             (True) or a loop (False); None picks by device (vmapped on GPU) and by model
-            (vmapped for attention models, whose many small operations favour one pass). The MLP fast
-            path always takes the k columns in one batched pass.
+            (vmapped for attention models, whose many small operations favour one pass).
+            The MLP fast path always takes the k columns in one batched pass; the
+            convolutional chain batches them where this is True.
         fast_path: multiply with hand-written products on raw tensors (no autograd) when
             the model is a multilayer perceptron: an ``nn.Sequential`` of ``nn.Linear``
             layers and elementwise activations, inputs ``(N, d)`` (see
             ``linops.curvature._mlp.mlp_spec``); for the GGN family (GGN,
             EmpiricalFisher, MCFisher) also a convolutional chain: convolutions
             (``groups=1``), max pooling, ``nn.Flatten()``, ``nn.Linear`` and elementwise
-            activations (``linops.curvature._chain``; the reference CNN is one). None uses it when the model qualifies
-            (and, batch by batch, when the input does); False always uses autograd; True
-            raises a ``ValueError`` naming what does not qualify. ``op.fast_path`` says
-            which path the operator took.
+            activations (``linops.curvature._chain``; the reference CNN is one). None
+            uses it when the model qualifies (and, batch by batch, when the input does);
+            False always uses autograd; True raises a ``ValueError`` naming what does not
+            qualify. ``op.fast_path`` says which path the operator took.
         route: on the autograd path, how products are computed. GGN, EmpiricalFisher and
             MCFisher (``J v``): ``"auto"`` (forward mode where every operation has a
             forward-mode rule, else the double backward; decided at the first product),
