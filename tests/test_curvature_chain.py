@@ -33,6 +33,11 @@ def _chain(kind):
         return nn.Sequential(nn.Conv3d(1, 2, 2), nn.LeakyReLU(0.2),
                              nn.MaxPool3d(2, dilation=1), nn.Flatten(),
                              nn.Linear(16, 3)), (1, 5, 5, 5)
+    if kind == "batchnorm":  # eval-mode batch norm after convolutions and a Linear layer
+        return nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(),
+                             nn.Conv2d(3, 2, 2),
+                             nn.BatchNorm2d(2, affine=False), nn.Tanh(), nn.Flatten(),
+                             nn.Linear(18, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)), (2, 6, 6)
     if kind == "conv-last":  # a convolution as the last layer, flattened after it
         return nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Conv2d(2, 1, 2),
                              nn.Flatten()), (1, 5, 5)
@@ -43,6 +48,13 @@ def _problem(kind, n=4, seed=0, loss="ce"):
     torch.manual_seed(seed)
     model, shape = _chain(kind)
     model = model.to(F64).eval()
+    for m in model.modules():  # running statistics away from (0, 1), affine maps too
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_(0, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            if m.affine:
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.normal_(0, 0.3)
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, *shape, generator=g, dtype=F64)
     C = model(X).shape[1]
@@ -62,7 +74,7 @@ def _params(model, which):
     return sub, sub
 
 
-@pytest.mark.parametrize("kind", ["conv2d", "conv1d", "conv3d", "conv-last"])
+@pytest.mark.parametrize("kind", ["conv2d", "conv1d", "conv3d", "conv-last", "batchnorm"])
 @pytest.mark.parametrize("which", ["all", "later"])
 @pytest.mark.parametrize("op_key", ["ggn", "ef"])
 @pytest.mark.parametrize("vectorize", [False, True])
@@ -203,3 +215,13 @@ def test_first_convolution_without_kept_patches(monkeypatch):
     torch.testing.assert_close(G @ V, kept, rtol=1e-12, atol=1e-13)
     first = next(s for s in G._states[0]["chain"].layers if getattr(s, "first", False))
     assert first.unfold_tried and first.unfolded is None
+
+
+def test_batch_norm_in_training_mode_is_not_a_chain():
+    # batch statistics couple the samples: autograd (and allow_train_mode's operator)
+    model, loss_fn, X, y = _problem("batchnorm")
+    model[1].train()
+    G = GGN(model, loss_fn, (X, y), allow_train_mode=True)
+    assert not G.fast_path
+    with pytest.raises(ValueError, match="batch statistics"):
+        GGN(model, loss_fn, (X, y), allow_train_mode=True, fast_path=True)

@@ -73,8 +73,9 @@ class CurvatureOperator(LinearOperator):
             layers and elementwise activations, inputs ``(N, d)`` (see
             ``linops.curvature._mlp.mlp_spec``); for the GGN family (GGN,
             EmpiricalFisher, MCFisher) also a convolutional chain: convolutions
-            (``groups=1``), max pooling, ``nn.Flatten()``, ``nn.Linear`` and elementwise
-            activations (``linops.curvature._chain``; the reference CNN is one). None
+            (``groups=1``), max pooling, eval-mode batch norm, ``nn.Flatten()``,
+            ``nn.Linear`` and elementwise activations (``linops.curvature._chain``; the
+            reference CNN is one). None
             uses it when the model qualifies (and, batch by batch, when the input does);
             False always uses autograd; True raises a ``ValueError`` naming what does not
             qualify. ``op.fast_path`` says which path the operator took.
@@ -257,7 +258,8 @@ class CurvatureOperator(LinearOperator):
                              "and elementwise activations)")
                     if self._mlp_order == 1:
                         kinds += (" or a convolutional chain (convolutions, max pooling, "
-                                  "nn.Flatten, nn.Linear and elementwise activations)")
+                                  "eval-mode batch norm, nn.Flatten, nn.Linear and "
+                                  "elementwise activations)")
                     raise ValueError(
                         f"fast_path=True needs {kinds}, but {spec}. "
                         "Pass fast_path=None to fall back to autograd where it does not "

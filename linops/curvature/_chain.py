@@ -3,8 +3,9 @@
 The MLP fast path (``_mlp.py``) for chains that also hold convolutions and max pooling:
 an ``nn.Sequential`` (nested ones flattened) of ``nn.Conv1d/2d/3d`` (``groups=1``, zero
 padding given as numbers), ``nn.Linear`` (on ``(N, d)`` inputs), ``nn.MaxPool1d/2d/3d``,
-``nn.Flatten()``, elementwise activations, ``nn.Identity`` and inactive dropout — the
-reference CNN of BackPACK's diagonal-GGN example is one. One forward pass of raw
+``nn.Flatten()``, ``nn.BatchNorm1d/2d/3d`` in eval mode (running statistics: a
+per-channel affine map), elementwise activations, ``nn.Identity`` and inactive dropout —
+the reference CNN of BackPACK's diagonal-GGN example is one. One forward pass of raw
 operations (``chain_linearize``) keeps each layer's input, each activation's ``σ'`` and
 each pooling's argmax indices; then, for k columns at once:
 
@@ -49,6 +50,7 @@ __all__ = ["ChainSpec", "chain_spec", "chain_linearize", "chain_jvp", "chain_vjp
 
 _CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _POOLS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
+_NORMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _POOL_FN = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 _GRAD_INPUT = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input,
@@ -63,6 +65,14 @@ class _Param:  # a Conv or Linear layer, by parameter name
     weight: str
     bias: str | None
     dim: int  # 0 for Linear, else the convolution's spatial dimensions
+
+
+@dataclass(frozen=True)
+class _Norm:  # batch norm in eval mode: a per-channel affine map
+    module: nn.Module
+    weight: str | None
+    bias: str | None
+    dim: int  # 1 (BatchNorm1d: (N, C) or (N, C, L)), 2 or 3
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,15 @@ def chain_spec(model: nn.Module, param_names: Sequence[str], dtype: torch.dtype,
             if m.weight.dtype != dtype:
                 return f"{label} has dtype {m.weight.dtype}, the parameters {dtype}"
             layers.append(_Param(m, wname, bname, _CONVS.get(t, 0)))
+        elif t in _NORMS:
+            if m.training or m.running_mean is None:
+                return f"{label} normalizes with batch statistics (training mode)"
+            wname = (f"{name}.weight" if name else "weight") if m.affine else None
+            bname = (f"{name}.bias" if name else "bias") if m.affine else None
+            if m.affine and (params.get(wname) is not m.weight
+                             or params.get(bname) is not m.bias):
+                return f"{label} shares its parameters with another module"
+            layers.append(_Norm(m, wname, bname, _NORMS[t]))
         elif t in _POOLS:
             if m.return_indices:
                 return f"{label} returns its indices"
@@ -136,16 +155,17 @@ def chain_spec(model: nn.Module, param_names: Sequence[str], dtype: torch.dtype,
                 return f"{label} has parameters"
             layers.append(_Layer(m, "act"))
         else:
-            return (f"{label} is not a convolution, nn.Linear, max pooling, an elementwise "
-                    "activation, nn.Flatten, nn.Identity or inactive dropout")
+            return (f"{label} is not a convolution, nn.Linear, max pooling, batch norm, an "
+                    "elementwise activation, nn.Flatten, nn.Identity or inactive dropout")
     if not n_conv:
         return "the model has no convolution"
-    owned = {n for layer in layers if isinstance(layer, _Param)
+    owned = {n for layer in layers if isinstance(layer, (_Param, _Norm))
              for n in (layer.weight, layer.bias) if n is not None}
     other = [n for n in param_names if n not in owned]
     if other:
-        return f"the parameter(s) {other[:4]} do not belong to a Conv or Linear layer"
-    start = next(i for i, layer in enumerate(layers) if isinstance(layer, _Param)
+        return (f"the parameter(s) {other[:4]} do not belong to a Conv, Linear or batch "
+                "norm layer")
+    start = next(i for i, layer in enumerate(layers) if isinstance(layer, (_Param, _Norm))
                  and (layer.weight in param_names or layer.bias in param_names))
     return ChainSpec(tuple(layers), start, tuple(param_names))
 
@@ -163,6 +183,15 @@ class _ParamState:
     first: bool  # no input tangent, no input cotangent
     unfolded: torch.Tensor | None = None  # the first convolution's patches (C·K, N·L)
     unfold_tried: bool = False
+
+
+@dataclass
+class _NormState:
+    xhat: torch.Tensor  # the normalized input (a − mean) / √(var + eps)
+    scale: torch.Tensor  # γ / √(var + eps), shaped to broadcast over (N, C, ...)
+    wi: int | None
+    bi: int | None
+    first: bool
 
 
 @dataclass
@@ -213,6 +242,22 @@ def chain_linearize(spec: ChainSpec, tensors: Mapping[str, torch.Tensor],
                                               index.get(layer.bias), i == spec.start))
                 a = (F.linear(a, W, b) if layer.dim == 0
                      else _CONV_FN[layer.dim](a, W, b, *_conv_args(m)))
+            elif isinstance(layer, _Norm):
+                if a.ndim not in ((2, 3) if layer.dim == 1 else (layer.dim + 2,)):
+                    return None
+                shape = (1, -1, *([1] * (a.ndim - 2)))
+                inv = torch.rsqrt(m.running_var.to(a.dtype) + m.eps)
+                xhat = (a - m.running_mean.to(a.dtype).reshape(shape)) * inv.reshape(shape)
+                gamma = tensors[layer.weight].detach() if layer.weight else None
+                beta = tensors[layer.bias].detach() if layer.bias else None
+                scale = inv if gamma is None else inv * gamma
+                a = xhat if gamma is None else xhat * gamma.reshape(shape)
+                if beta is not None:
+                    a = a + beta.reshape(shape)
+                if active:
+                    layers.append(_NormState(xhat, scale.reshape(shape),
+                                             index.get(layer.weight), index.get(layer.bias),
+                                             i == spec.start))
             elif not active:
                 a = m(a.clone() if getattr(m, "inplace", False) else a)
                 continue
@@ -324,6 +369,16 @@ def _jvp(lin: ChainLinearization, V: Sequence[torch.Tensor], k: int) -> torch.Te
                     else:
                         new = new.add_(db)
             t = new
+        elif isinstance(st, _NormState):  # t·γ/σ + x̂·dγ + dβ, per channel
+            view = (k, 1, -1, *([1] * (st.xhat.ndim - 2)))
+            new = None if t is None else t * st.scale
+            if st.wi is not None:
+                term = st.xhat * V[st.wi].reshape(view)
+                new = term if new is None else new.add_(term)
+            if st.bi is not None:
+                db = V[st.bi].reshape(view)
+                new = db.expand(k, *st.xhat.shape).clone() if new is None else new.add_(db)
+            t = new
         elif t is None:
             continue
         elif st.kind == "act":
@@ -359,6 +414,15 @@ def _vjp(lin: ChainLinearization, U: torch.Tensor, k: int) -> list:
     grads = [None] * lin.n_params
     g = U
     for st in reversed(lin.layers):
+        if isinstance(st, _NormState):
+            dims = (1, *range(3, g.ndim))
+            if st.wi is not None:
+                grads[st.wi] = (g * st.xhat).sum(dim=dims)
+            if st.bi is not None:
+                grads[st.bi] = g.sum(dim=dims)
+            if not st.first:
+                g = g * st.scale
+            continue
         if isinstance(st, _State):
             if st.kind == "act":
                 g = g * st.d1
