@@ -38,9 +38,8 @@ from ._mlp import (
     _CLOSED_FORMS,
     COLUMN_BUDGET,
     _activation,
-    _flatten_sequential,
-    _global_hooks,
-    _has_hooks,
+    _chain_modules,
+    _own_params,
     _weight_product,
 )
 from .layers.conv import _unfold
@@ -102,40 +101,33 @@ def chain_spec(model: nn.Module, param_names: Sequence[str], dtype: torch.dtype,
                named=None) -> ChainSpec | str:
     """Recognize a convolutional chain, or say why ``model`` is not one (see the module
     docstring for what is accepted; exact types only, no hooks, at least one
-    convolution, every parameter among ``param_names`` a Conv or Linear layer's)."""
-    chain: list = []
-    reason = _flatten_sequential(model, "", chain)
-    if reason is not None:
-        return reason
-    if _global_hooks():
-        return "global module hooks are registered (torch.nn.modules.module)"
+    convolution, every parameter among ``param_names`` a Conv, Linear or batch norm
+    layer's)."""
+    chain = _chain_modules(model)
+    if isinstance(chain, str):
+        return chain
     params = dict(model.named_parameters()) if named is None else named
     layers, n_conv = [], 0
-    for name, m in chain:
-        label = f"module {name or 'model'!r} ({type(m).__name__})"
-        if _has_hooks(m):
-            return f"{label} has forward or backward hooks"
+    for name, m, label in chain:
         t = type(m)
         if t in _CONVS or t is nn.Linear:
             if t in _CONVS:
                 if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
                     return f"{label} has groups, a padding mode or a padding string"
                 n_conv += 1
-            wname = f"{name}.weight" if name else "weight"
-            bname = (f"{name}.bias" if name else "bias") if m.bias is not None else None
-            if params.get(wname) is not m.weight or (bname and params.get(bname) is not m.bias):
-                return f"{label} shares its parameters with another module"
-            if m.weight.dtype != dtype:
-                return f"{label} has dtype {m.weight.dtype}, the parameters {dtype}"
-            layers.append(_Param(m, wname, bname, _CONVS.get(t, 0)))
+            owned = _own_params(name, m, params, label, dtype)
+            if isinstance(owned, str):
+                return owned
+            layers.append(_Param(m, *owned, _CONVS.get(t, 0)))
         elif t in _NORMS:
             if m.training or m.running_mean is None:
                 return f"{label} normalizes with batch statistics (training mode)"
-            wname = (f"{name}.weight" if name else "weight") if m.affine else None
-            bname = (f"{name}.bias" if name else "bias") if m.affine else None
-            if m.affine and (params.get(wname) is not m.weight
-                             or params.get(bname) is not m.bias):
-                return f"{label} shares its parameters with another module"
+            wname = bname = None
+            if m.affine:
+                owned = _own_params(name, m, params, label)
+                if isinstance(owned, str):
+                    return owned
+                wname, bname = owned
             layers.append(_Norm(m, wname, bname, _NORMS[t]))
         elif t in _POOLS:
             if m.return_indices:

@@ -197,6 +197,39 @@ def _flatten_sequential(module: nn.Module, prefix: str, out: list) -> str | None
     return None
 
 
+def _chain_modules(model: nn.Module) -> list | str:
+    """``[(name, module, label)]`` of the chain ``model`` (nested ``nn.Sequential``
+    flattened), or why it is not one (hooks on a module or registered globally)."""
+    chain: list = []
+    reason = _flatten_sequential(model, "", chain)
+    if reason is not None:
+        return reason
+    if _global_hooks():
+        return "global module hooks are registered (torch.nn.modules.module)"
+    out = []
+    for name, m in chain:
+        label = f"module {name or 'model'!r} ({type(m).__name__})"
+        if _has_hooks(m):
+            return f"{label} has forward or backward hooks"
+        out.append((name, m, label))
+    return out
+
+
+def _own_params(name: str, m: nn.Module, params: Mapping, label: str,
+                dtype: torch.dtype | None = None) -> tuple | str:
+    """``(weight name, bias name or None)`` of a layer whose ``weight`` and ``bias`` are
+    its own (``params``: ``dict(model.named_parameters())``) and, where given, of
+    ``dtype``; or why not (shared with another module: ``named_parameters`` names a
+    shared tensor once)."""
+    wname = f"{name}.weight" if name else "weight"
+    bname = (f"{name}.bias" if name else "bias") if m.bias is not None else None
+    if params.get(wname) is not m.weight or (bname and params.get(bname) is not m.bias):
+        return f"{label} shares its parameters with another module"
+    if dtype is not None and m.weight.dtype != dtype:
+        return f"{label} has dtype {m.weight.dtype}, the parameters {dtype}"
+    return wname, bname
+
+
 def _has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or getattr(m, "_backward_hooks", None)
                 or getattr(m, "_backward_pre_hooks", None))
@@ -243,25 +276,17 @@ def mlp_spec(model: nn.Module, param_names: Sequence[str], dtype: torch.dtype,
     Returns:
         The ``MLPSpec``, or a sentence naming what does not qualify.
     """
-    chain: list = []
-    reason = _flatten_sequential(model, "", chain)
-    if reason is not None:
-        return reason
-    if _global_hooks():
-        return "global module hooks are registered (torch.nn.modules.module)"
+    chain = _chain_modules(model)
+    if isinstance(chain, str):
+        return chain
     layers, flatten_input, in_features = [], False, None
     params = dict(model.named_parameters()) if named is None else named
-    for name, m in chain:
-        label = f"module {name or 'model'!r} ({type(m).__name__})"
-        if _has_hooks(m):
-            return f"{label} has forward or backward hooks"
+    for name, m, label in chain:
         if type(m) is nn.Linear:
-            wname = f"{name}.weight" if name else "weight"
-            bname = (f"{name}.bias" if name else "bias") if m.bias is not None else None
-            if params.get(wname) is not m.weight or (bname and params.get(bname) is not m.bias):
-                return f"{label} shares its parameters with another module"
-            if m.weight.dtype != dtype:
-                return f"{label} has dtype {m.weight.dtype}, the parameters {dtype}"
+            owned = _own_params(name, m, params, label, dtype)
+            if isinstance(owned, str):
+                return owned
+            wname, bname = owned
             if in_features is None:
                 in_features = m.in_features
             layers.append(_Linear(wname, bname, m.in_features))
