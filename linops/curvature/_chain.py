@@ -287,16 +287,9 @@ def _scatter_pool(g: torch.Tensor, st: _State) -> torch.Tensor:
     k = g.shape[0]
     N, C = st.in_shape[:2]
     idx = st.idx.flatten(2).unsqueeze(0).expand(k, -1, -1, -1)
-    out = g.new_zeros((k, N, C, _prod(st.in_shape[2:])))
+    out = g.new_zeros((k, N, C, math.prod(st.in_shape[2:])))
     out.scatter_add_(3, idx, g.flatten(3))
     return out.reshape(k, *st.in_shape)
-
-
-def _prod(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 #: the most entries the kept patches of a first convolution may have (64 MiB in float32);
