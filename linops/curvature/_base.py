@@ -75,10 +75,10 @@ class CurvatureOperator(LinearOperator):
             EmpiricalFisher, MCFisher) also a convolutional chain: convolutions
             (``groups=1``), max pooling, eval-mode batch norm, ``nn.Flatten()``,
             ``nn.Linear`` and elementwise activations (``linops.curvature._chain``; the
-            reference CNN is one). None
-            uses it when the model qualifies (and, batch by batch, when the input does);
-            False always uses autograd; True raises a ``ValueError`` naming what does not
-            qualify. ``op.fast_path`` says which path the operator took.
+            reference CNN is one). None uses it when the model qualifies (and, batch by
+            batch, when the input does); False always uses autograd; True raises a
+            ``ValueError`` naming what does not qualify. ``op.fast_path`` says which path
+            the operator took.
         route: on the autograd path, how products are computed. GGN, EmpiricalFisher and
             MCFisher (``J v``): ``"auto"`` (forward mode where every operation has a
             forward-mode rule, else the double backward; decided at the first product),

@@ -46,12 +46,12 @@ class _JBJ(CurvatureOperator):
             state = {"chain": chain}
         else:
             leaves, out = self._forward(X)
+            prefer = self._preferred_jvp()
             lin = Linearization(out, leaves, self.param_space.names, rerun=self._rerun(X),
                                 vectorize=self.vectorize, what="parameter",
                                 route=self._route, diagnose=self._diagnoser(X, 1),
-                                prefer=self._preferred_jvp(),
-                                prefer_columns=(self._preferred_jvp() == "double backward"
-                                                and self.vectorize))
+                                prefer=prefer,
+                                prefer_columns=prefer == "double backward" and self.vectorize)
             state = {"lin": lin}
         state["loss"] = self._loss_curv.prepare(out, y)
         state["out"], state["y"] = out.detach(), y

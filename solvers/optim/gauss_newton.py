@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
@@ -134,12 +133,8 @@ class GaussNewton(CurvatureOptimizer):
                 refresh_every < 1):
             raise ValueError(f"refresh_every must be a positive integer; got "
                              f"{refresh_every!r}.")
-        if preconditioner_damping is not None and (
-                isinstance(preconditioner_damping, bool)
-                or not isinstance(preconditioner_damping, (int, float))
-                or not (preconditioner_damping > 0 and math.isfinite(preconditioner_damping))):
-            raise ValueError(f"preconditioner_damping must be None or a positive number; got "
-                             f"{preconditioner_damping!r}.")
+        if preconditioner_damping is not None:
+            preconditioner_damping = positive("preconditioner_damping", preconditioner_damping)
         self.preconditioner = preconditioner
         self.refresh_every = refresh_every
         self.preconditioner_damping = preconditioner_damping
