@@ -236,9 +236,10 @@ class CurvatureOperator(LinearOperator):
         self._kernels = KernelSwitch(kernels_for(model, space.device, reference_kernels))
         self._detect_kernels = reference_kernels is None
         if vectorize is None and any("attention" in k for k in self._kernels.switches):
-            # attention models on a CPU too: their passes are many small operations, and
-            # one vmapped pass for k columns measured 20 to 30 % below a loop of k
-            # (benchmarks/architectures_bench.py, the transformer LM, 2 cores)
+            # attention models on a CPU too: their passes are many small operations; with
+            # this and forward mode's vmapped block (prefer_columns) the transformer LM's
+            # 10-column GGN went from 1.1 to 0.6 of 10 single products
+            # (benchmarks/architectures_bench.py, 2 cores)
             self.vectorize = True
         self._kernels_off = reference_kernels is False
         self._route_seen = None
