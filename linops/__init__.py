@@ -15,7 +15,7 @@ from .kronecker_eigen import KroneckerEigen
 from .lowrank import LowRank
 from .operator import LinearOperator
 from .params import ParamSpace
-from .permutation import Permutation
+from .permutation import Permutation, Permuted
 from .properties import PSD, SelfAdjoint, is_psd, is_self_adjoint, psd_rule, self_adjoint_rule
 from .scipy_interop import from_scipy
 from .triangular import Triangular
@@ -38,6 +38,7 @@ __all__ = [
     "BlockDiag",
     "LowRank",
     "Permutation",
+    "Permuted",
     "Triangular",
     "PSD",
     "SelfAdjoint",

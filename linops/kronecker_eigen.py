@@ -108,11 +108,13 @@ def shift_structured(B: LinearOperator, c) -> LinearOperator | None:
     """``B + c·I`` rebuilt with its structure kept, or None where no rule applies:
     block-wise for ``BlockDiag``, by the factors' eigendecompositions for a ``Kronecker``
     product of symmetric square tensors (``KroneckerEigen``), on the eigenvalues of a
-    ``KroneckerEigen``, entry-wise for ``Diagonal`` and ``Dense``. The solvers' rules for
-    ``B + c·I`` (inverse, log-determinant, matrix functions) use it to stay exact."""
+    ``KroneckerEigen``, entry-wise for ``Diagonal`` and ``Dense``, inside a ``Permuted``.
+    The solvers' rules for ``B + c·I`` (inverse, log-determinant, matrix functions) use it
+    to stay exact."""
     from .blockdiag import BlockDiag
     from .dense import Dense
     from .diagonal import Diagonal, I_like
+    from .permutation import Permuted
     from .properties import is_self_adjoint
 
     if isinstance(c, torch.Tensor):
@@ -123,6 +125,9 @@ def shift_structured(B: LinearOperator, c) -> LinearOperator | None:
         return None
     if isinstance(B, KroneckerEigen):
         return B.with_eigenvalues(B.eigenvalues + c)
+    if isinstance(B, Permuted):  # Pᵀ A P + c·I = Pᵀ (A + c·I) P
+        s = shift_structured(B.op, c)
+        return B.with_op(s if s is not None else B.op + c * I_like(B.op))
     if isinstance(B, Diagonal) and not B.d.is_complex():
         return Diagonal(B.d + c)
     if isinstance(B, Dense) and not B.dtype.is_complex:

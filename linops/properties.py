@@ -18,6 +18,7 @@ B₁ … B_k              it reads Bᴴ A B (mirrored factors) with       same, 
 A₁ ⊗ … ⊗ A_k          every factor is                              every factor is
 BlockDiag(A₁, …)      every block is                               every block is
 Aᵀ                    A is                                         A is
+Pᵀ A P (Permuted)     A is                                         A is
 Identity              always                                       always
 Diagonal (real)       always                                       when tagged
 ====================  ===========================================  ==========================
@@ -33,6 +34,7 @@ from .algebra import Product, ScalarMul, Sum, Transpose
 from .blockdiag import BlockDiag
 from .kronecker import Kronecker
 from .operator import LinearOperator
+from .permutation import Permuted
 
 __all__ = ["PSD", "SelfAdjoint", "is_psd", "is_self_adjoint", "psd_rule", "self_adjoint_rule"]
 
@@ -112,6 +114,11 @@ def psd_rule(A: Transpose) -> bool:  # noqa: F811
     return is_psd(A.op)
 
 
+@dispatch
+def psd_rule(A: Permuted) -> bool:  # noqa: F811
+    return is_psd(A.op)
+
+
 # ------------------------------------------------------------------ self-adjoint rules
 @dispatch
 def self_adjoint_rule(A: LinearOperator) -> bool:
@@ -148,6 +155,11 @@ def self_adjoint_rule(A: BlockDiag) -> bool:  # noqa: F811
 
 @dispatch
 def self_adjoint_rule(A: Transpose) -> bool:  # noqa: F811
+    return is_self_adjoint(A.op)
+
+
+@dispatch
+def self_adjoint_rule(A: Permuted) -> bool:  # noqa: F811
     return is_self_adjoint(A.op)
 
 

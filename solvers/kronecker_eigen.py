@@ -2,13 +2,14 @@
 orthogonal factors) and for shifted structured operators ``B + c·I`` (``BlockDiag`` of
 ``Kronecker`` blocks, as K-FAC is), which ``linops.kronecker_eigen.shift_structured``
 rebuilds with their structure so that ``inv(K + λ·I_like(K))``, ``logdet``, ``sqrt`` and
-every matrix function stay exact and cost a few small eigendecompositions."""
+every matrix function stay exact and cost a few small eigendecompositions; and for
+``linops.Permuted`` (``Pᵀ A P``, K-FAC's joint weight-and-bias blocks), each rule on A."""
 
 from __future__ import annotations
 
 import torch
 
-from linops import Kronecker, LinearOperator, dispatch
+from linops import Kronecker, LinearOperator, Permuted, dispatch
 from linops.kronecker_eigen import KroneckerEigen, shift_structured
 
 from .eigen import EigResult, _select, eig_rule
@@ -84,3 +85,36 @@ def eig_rule(A: KroneckerEigen, k: int, which: str, alg: object) -> EigResult:  
         cols = part if cols is None else (cols[:, None, :] * part[None, :, :]).reshape(
             -1, part.shape[1])
     return EigResult(A.eigenvalues[idx], cols)
+
+
+# ---------------------------------------------------------------- Pᵀ A P (P orthogonal)
+@dispatch
+def inv_rule(A: Permuted, alg: object) -> LinearOperator:  # noqa: F811
+    return A.with_op(inv_rule(A.op, alg))
+
+
+@dispatch
+def pinv_rule(A: Permuted, alg: object) -> LinearOperator:  # noqa: F811
+    return A.with_op(pinv_rule(A.op, alg))
+
+
+@dispatch
+def slogdet_rule(A: Permuted, alg: object) -> tuple:  # noqa: F811
+    return slogdet_rule(A.op, alg)
+
+
+@dispatch
+def trace_rule(A: Permuted, alg: object) -> torch.Tensor:  # noqa: F811
+    return trace_rule(A.op, alg)
+
+
+@dispatch
+def unary_rule(f: object, A: Permuted, alg: object) -> LinearOperator:  # noqa: F811
+    return A.with_op(unary_rule(f, A.op, alg))
+
+
+@dispatch
+def eig_rule(A: Permuted, k: int, which: str, alg: object) -> EigResult:  # noqa: F811
+    res = eig_rule(A.op, k, which, alg)
+    vals, vecs = res  # A v = λ v gives (Pᵀ A P)(Pᵀ v) = λ Pᵀ v
+    return EigResult(vals, None if vecs is None else vecs[A.P._inverse], res.solution)

@@ -80,6 +80,9 @@ def layerwise(rank, world, group, model, loss, local, res, errors):
         Kr = KFAC(model, loss, (X, y), fisher=fisher)
         res[f"KFAC {fisher}"] = (K.to_dense(), Kr.to_dense())
         res[f"KFAC {fisher} gradient"] = (K.gradient, Kr.gradient)
+    res["KFAC exact, bias='joint'"] = (
+        KFAC(model, loss, local, fisher="exact", bias="joint", process_group=group).to_dense(),
+        KFAC(model, loss, (X, y), fisher="exact", bias="joint").to_dense())
     kq = quantities(model, loss, local, ["kflr"], process_group=group)["kflr"]
     kr = quantities(model, loss, (X, y), ["kflr"])["kflr"]
     for p in kq:

@@ -36,6 +36,7 @@ from linops import (
     KroneckerEigen,
     LowRank,
     Permutation,
+    Permuted,
     Transpose,
     Triangular,
     from_scipy,
@@ -97,6 +98,8 @@ d3, d4 = _randn(3), _randn(4)
 pos4 = np.abs(_randn(4)) + 0.1
 U52, U42, C22 = _randn(5, 2), _randn(4, 2), _randn(2, 2)
 PERM = np.array([3, 0, 4, 1, 2])
+PERM6 = np.array([4, 0, 5, 2, 1, 3])
+P6 = np.eye(6)[PERM6]  # (P x)ᵢ = x[PERM6[i]]
 P_DENSE = np.eye(5)[PERM]
 T44 = _randn(4, 4)
 
@@ -224,6 +227,14 @@ CASES: list[Case] = [
           U52 @ C22 @ U42.T, repr="U C Vᵀ"),
     _case("permutation", lambda dt, dev: Permutation(torch.as_tensor(PERM).to(dev), dt),
           P_DENSE, repr="P", diag=True),
+    _case("permuted_kronecker",
+          lambda dt, dev: Permuted(
+              Kronecker(PSD(Dense(t(G2, dt, dev))), PSD(Dense(t(G3, dt, dev)))),
+              torch.as_tensor(PERM6).to(dev)),
+          P6.T @ np.kron(G2, G3) @ P6, PSDT, repr="Pᵀ (Dense(2×2) ⊗ Dense(3×3)) P", diag=True),
+    _case("permuted_dense",
+          lambda dt, dev: Permuted(t(np.kron(M22, M33), dt, dev), torch.as_tensor(PERM6).to(dev)),
+          P6.T @ np.kron(M22, M33) @ P6, repr="Pᵀ (Dense(6×6)) P", diag=True),
     _case("triangular_lower", lambda dt, dev: Triangular(t(T44, dt, dev), lower=True),
           np.tril(T44), repr="L(4×4)", diag=True),
     _case("triangular_upper", lambda dt, dev: Triangular(t(T44, dt, dev), lower=False),

@@ -30,7 +30,7 @@ def test_each_preconditioner_is_the_inverse_of_its_damped_approximation(kind):
     elif kind == "ekfac":
         C = None
     else:
-        C = KFAC(model, nn.CrossEntropyLoss(), data,
+        C = KFAC(model, nn.CrossEntropyLoss(), data, bias="joint",
                  fisher="exact" if kind == "kfac" else "mc", seed=1).to_dense()
     V = torch.randn(G.shape[0], 3, dtype=F64)
     if C is not None:

@@ -307,3 +307,107 @@ def test_block_product_names_through_quantities():
     V = torch.randn(3, 5, 4, dtype=F64)
     W = q["pchmp_abs"]["0.weight"](V)
     assert float((V * W).sum(dim=(1, 2)).min()) >= 0  # PSD block: vᵀ C v ≥ 0
+
+
+def _homogeneous(a):
+    """``Σ [a; 1][a; 1]ᵀ / rows`` of inputs ``a`` (rows, in)."""
+    ah = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+    return ah.T @ ah / a.shape[0]
+
+
+def _joint_dense(G, Ah, d_out, d_in):
+    """``G ⊗ Ā`` over ``vec([W | b])`` reordered to the parameters' ``[vec W; b]``."""
+    K = torch.kron(G, Ah)  # over (d_out, d_in + 1) row-major
+    order = [o * (d_in + 1) + d for o in range(d_out) for d in range(d_in)]
+    order += [o * (d_in + 1) + d_in for o in range(d_out)]
+    return K[order][:, order]
+
+
+def test_joint_bias_blocks_against_a_dense_homogeneous_construction():
+    """``bias="joint"``: each layer's weight and bias in one block ``G ⊗ Ā`` with Ā the
+    homogeneous inputs' second moment, against G from torch.func and Ā from a hook."""
+    torch.manual_seed(11)
+    model = _mlp(nn.Sigmoid)
+    X, y = torch.randn(9, 4, dtype=F64), torch.randint(0, 3, (9,))
+    loss = nn.CrossEntropyLoss()
+    K = KFAC(model, loss, (X, y), fisher="exact", bias="joint")
+    assert K.info["joint"] == {"0.weight": "0.bias", "2.weight": "2.bias"}
+    assert "2 joint weight+bias" in repr(K) and len(K.blocks) == 2
+    dense = K.to_dense()
+    start = 0
+    for i in (0, 2):
+        layer = model[i]
+        G, _ = _reference_factors(model, layer, loss, X, y)
+        store = {}
+        h = layer.register_forward_hook(lambda m, inp, o, st=store: st.update(a=inp[0]))
+        model(X)
+        h.remove()
+        Ah = _homogeneous(store["a"].detach())
+        torch.testing.assert_close(K.homogeneous[f"{i}.weight"], Ah, rtol=1e-10, atol=1e-12)
+        n = layer.weight.numel() + layer.bias.numel()
+        ref = _joint_dense(G, Ah, layer.out_features, layer.in_features)
+        torch.testing.assert_close(dense[start:start + n, start:start + n], ref, rtol=1e-10,
+                                   atol=1e-12)
+        start += n
+    # the weight blocks are K-FAC's (the factors stay BackPACK's), the coupling is new
+    sep = KFAC(model, loss, (X, y), fisher="exact")
+    for p in sep.factors:
+        for a, b in zip(K.factors[p], sep.factors[p]):
+            torch.testing.assert_close(a, b)
+    # exact: damped inverse, log-determinant, and the π heuristic with Ā
+    lam = 0.05
+    M = K + lam * I_like(K)
+    ref = dense + lam * torch.eye(dense.shape[0], dtype=F64)
+    v = torch.randn(dense.shape[0], dtype=F64)
+    torch.testing.assert_close(solvers.inv(M) @ v, torch.linalg.solve(ref, v))
+    torch.testing.assert_close(solvers.logdet(M), torch.logdet(ref))
+    Gf, Ah = K.factors["0.weight"][0], K.homogeneous["0.weight"]
+    pi = (float(Ah.diagonal().mean()) / float(Gf.diagonal().mean())) ** 0.5
+    r = lam ** 0.5
+    eye = torch.eye(5, dtype=F64)
+    pref = _joint_dense(Gf + r / pi * eye, Ah + r * pi * eye, 5, 4)
+    torch.testing.assert_close(K.damped(lam, "pi").to_dense()[:25, :25], pref)
+
+
+def test_joint_bias_block_is_exact_for_one_linear_layer():
+    """One Linear layer with MSE: the GGN of [W, b] is G ⊗ Ā exactly (the loss Hessian is
+    constant), including the weight-bias coupling that separate blocks leave out."""
+    torch.manual_seed(12)
+    model = nn.Linear(4, 3).to(F64)
+    X, y = torch.randn(7, 4, dtype=F64), torch.randn(7, 3, dtype=F64)
+    G = GGN(model, nn.MSELoss(), (X, y)).to_dense()
+    joint = KFAC(model, nn.MSELoss(), (X, y), fisher="exact", bias="joint")
+    torch.testing.assert_close(joint.to_dense(), G, rtol=1e-10, atol=1e-12)
+    sep = KFAC(model, nn.MSELoss(), (X, y), fisher="exact").to_dense()
+    assert float((sep - G).abs().max()) > 1e-3  # the coupling block is missing there
+
+
+def test_joint_bias_conv_expand_and_fallbacks():
+    torch.manual_seed(13)
+    conv = nn.Conv2d(2, 3, 3, padding=1, stride=2)
+    lin = nn.Linear(27, 4, bias=False)
+    model = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), lin).to(F64)
+    X, y = torch.randn(5, 2, 5, 5, dtype=F64), torch.randint(0, 4, (5,))
+    loss = nn.CrossEntropyLoss()
+    K = KFAC(model, loss, (X, y), fisher="exact", bias="joint")
+    assert K.info["joint"] == {"0.weight": "0.bias"}  # the bias-free Linear stays Kronecker
+    U = F.unfold(X, 3, padding=1, stride=2)  # (N, I, L)
+    rows = U.permute(0, 2, 1).reshape(-1, U.shape[1])
+    torch.testing.assert_close(K.homogeneous["0.weight"], _homogeneous(rows))
+    G = K.factors["0.weight"][0]
+    n = conv.weight.numel() + conv.bias.numel()
+    torch.testing.assert_close(K.to_dense()[:n, :n],
+                               _joint_dense(G, _homogeneous(rows), 3, U.shape[1]))
+    red = KFAC(model, loss, (X, y), fisher="exact", bias="joint", kfac_approx="reduce")
+    torch.testing.assert_close(red.homogeneous["0.weight"], _homogeneous(U.mean(-1)))
+    with pytest.raises(ValueError, match="kfac_approx='expand'"):
+        KFAC(model, loss, (X, y), bias="joint", kfac_approx="backpack")
+    with pytest.raises(ValueError, match="'separate' or 'joint'"):
+        KFAC(model, loss, (X, y), bias="together")
+    # a bias listed before its weight is not joined (the blocks follow param_space order)
+    named = dict(model.named_parameters())
+    params = {n: named[n] for n in ("0.bias", "0.weight", "3.weight")}
+    rev = KFAC(model, loss, (X, y), fisher="exact", bias="joint", params=params)
+    assert rev.info["joint"] == {}
+    torch.testing.assert_close(rev.to_dense(), KFAC(model, loss, (X, y), fisher="exact",
+                                                    params=params).to_dense())

@@ -5,7 +5,17 @@ import pytest
 import torch
 
 import solvers
-from linops import PSD, BlockDiag, Dense, Diagonal, I_like, Kronecker, KroneckerEigen, is_psd
+from linops import (
+    PSD,
+    BlockDiag,
+    Dense,
+    Diagonal,
+    I_like,
+    Kronecker,
+    KroneckerEigen,
+    Permuted,
+    is_psd,
+)
 
 F64 = torch.float64
 
@@ -69,6 +79,38 @@ def test_kronecker_eigen_rules():
     f_of = solvers.apply_unary(torch.exp, Kronecker(PSD(Dense(_spd(2, 7))), PSD(Dense(_spd(2, 8)))))
     torch.testing.assert_close(f_of.to_dense(), torch.linalg.matrix_exp(
         torch.kron(_spd(2, 7), _spd(2, 8))))
+
+
+def test_permuted_kronecker_rules_act_on_the_inner_operator():
+    """Pᵀ (A ⊗ B) P + c·I (K-FAC's joint weight-and-bias block, damped): the shift stays
+    structured (Pᵀ Q Λ Qᵀ P) and every rule is exact."""
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+    A, B = _spd(3, 9), _spd(4, 10)
+    K = BlockDiag(Permuted(Kronecker(PSD(Dense(A)), PSD(Dense(B))), perm),
+                  PSD(Dense(_spd(2, 11))))
+    P = torch.eye(12, dtype=F64)[perm]
+    ref_block = P.T @ torch.kron(A, B) @ P
+    torch.testing.assert_close(K.to_dense()[:12, :12], ref_block)
+    assert is_psd(K)
+    M = K + 0.3 * I_like(K)
+    ref = M.to_dense()
+    inv = solvers.inv(M)
+    assert isinstance(inv.blocks[0], Permuted) and isinstance(inv.blocks[0].op, KroneckerEigen)
+    b = torch.randn(14, 3, dtype=F64)
+    torch.testing.assert_close(inv @ b, torch.linalg.solve(ref, b))
+    torch.testing.assert_close(solvers.logdet(M), torch.logdet(ref))
+    torch.testing.assert_close(solvers.trace(M), ref.trace())
+    S = solvers.sqrt(M)
+    torch.testing.assert_close(S.to_dense() @ S.to_dense(), ref)
+    vals, vecs = solvers.eig(M, k=3)
+    torch.testing.assert_close(vals, torch.linalg.eigvalsh(ref).flip(0)[:3])
+    torch.testing.assert_close(ref @ vecs, vecs * vals)
+    J = Permuted(KroneckerEigen.from_factors([A, B], 0.3), perm)
+    torch.testing.assert_close(solvers.pinv(J).to_dense(), torch.linalg.pinv(J.to_dense()))
+    with pytest.raises(ValueError, match="square"):
+        Permuted(Dense(torch.ones(2, 3, dtype=F64)), torch.arange(2))
+    with pytest.raises(ValueError, match="permutation of 5 indices"):
+        Permuted(Dense(A), torch.arange(5))
 
 
 @pytest.mark.parametrize("k", [1, 3])
