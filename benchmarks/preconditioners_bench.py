@@ -7,7 +7,7 @@ Each step solves ``(G + λI) d = g`` (``g`` the gradient) by CG to ``tol=1e-3`` 
 ``--max-iters`` products) on a fresh ``GGN`` of the batch, with ``inv(C + λI)`` as the
 preconditioner built from the same batch (``solvers.curvature_preconditioner``). The
 contenders run interleaved, round after round; the table shows medians. Problems: the
-reference MLP of the Gauss-Newton notebook (2→200→200→5, SiLU, 41,805 parameters, 2500
+reference MLP of the Gauss-Newton notebook (2→200→200→5, SiLU, 41,805 parameters, 500
 points) and the reference CNN of the diagonal-GGN example (431,080 parameters, batch 128 of
 28×28 inputs: the offline digits when scikit-learn is installed, else Gaussian noise), at
 initialization (``cnn``) and after 200 Adam steps on the digits (``cnn-trained``); the MLP
